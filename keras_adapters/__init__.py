@@ -1,0 +1,16 @@
+"""Bottleneck adapters for Keras 3 and keras-hub."""
+
+from keras_adapters.layers import AdaptedSublayer
+from keras_adapters.layers import AdapterLayer
+from keras_adapters.persistence import load_adapters
+from keras_adapters.persistence import read_adapter_config
+from keras_adapters.persistence import save_adapters
+from keras_adapters.registry import InsertionPoints
+from keras_adapters.registry import register_block
+from keras_adapters.registry import registered_blocks
+from keras_adapters.rewriting import ParameterCounts
+from keras_adapters.rewriting import adapter_names
+from keras_adapters.rewriting import add_adapters
+from keras_adapters.rewriting import count_parameters
+from keras_adapters.rewriting import remove_adapters
+from keras_adapters.version import __version__
