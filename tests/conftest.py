@@ -1,0 +1,135 @@
+"""Shared fixtures: tiny randomly initialised keras-hub models."""
+
+import os
+
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras  # noqa: E402
+import keras_hub  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+VOCABULARY_SIZE = 64
+HIDDEN_SIZE = 16
+NUM_LAYERS = 2
+SEQUENCE_LENGTH = 8
+BATCH_SIZE = 4
+
+_COMMON = dict(
+    num_layers=NUM_LAYERS,
+    num_heads=2,
+    hidden_dim=HIDDEN_SIZE,
+    intermediate_dim=32,
+    max_sequence_length=SEQUENCE_LENGTH,
+)
+
+
+def _bert():
+    return keras_hub.models.BertBackbone(
+        vocabulary_size=VOCABULARY_SIZE, **_COMMON
+    )
+
+
+def _roberta():
+    return keras_hub.models.RobertaBackbone(
+        vocabulary_size=VOCABULARY_SIZE, **_COMMON
+    )
+
+
+def _xlm_roberta():
+    return keras_hub.models.XLMRobertaBackbone(
+        vocabulary_size=VOCABULARY_SIZE, **_COMMON
+    )
+
+
+def _distil_bert():
+    return keras_hub.models.DistilBertBackbone(
+        vocabulary_size=VOCABULARY_SIZE, **_COMMON
+    )
+
+
+def _electra():
+    return keras_hub.models.ElectraBackbone(
+        vocab_size=VOCABULARY_SIZE, embedding_dim=8, **_COMMON
+    )
+
+
+def _albert():
+    # One shared TransformerEncoder runs at both depths.
+    return keras_hub.models.AlbertBackbone(
+        vocabulary_size=VOCABULARY_SIZE,
+        embedding_dim=8,
+        num_groups=1,
+        num_inner_repetitions=1,
+        **_COMMON,
+    )
+
+
+# family: (backbone factory, classifier class or None, uses segment ids,
+#          number of distinct TransformerEncoder blocks)
+FAMILIES = {
+    "bert": (_bert, keras_hub.models.BertTextClassifier, True, NUM_LAYERS),
+    "roberta": (
+        _roberta,
+        keras_hub.models.RobertaTextClassifier,
+        False,
+        NUM_LAYERS,
+    ),
+    "xlm_roberta": (
+        _xlm_roberta,
+        keras_hub.models.XLMRobertaTextClassifier,
+        False,
+        NUM_LAYERS,
+    ),
+    "distil_bert": (
+        _distil_bert,
+        keras_hub.models.DistilBertTextClassifier,
+        False,
+        NUM_LAYERS,
+    ),
+    "electra": (_electra, None, True, NUM_LAYERS),
+    "albert": (_albert, keras_hub.models.AlbertTextClassifier, True, 1),
+}
+
+
+def make_backbone(family, seed=0):
+    keras.utils.set_random_seed(seed)
+    return FAMILIES[family][0]()
+
+
+def make_classifier(family, seed=0, num_classes=2):
+    """Return a tiny task model of `family`, or its backbone if it has none."""
+    backbone = make_backbone(family, seed)
+    classifier_class = FAMILIES[family][1]
+    if classifier_class is None:
+        return backbone
+    return classifier_class(
+        backbone=backbone, num_classes=num_classes, preprocessor=None
+    )
+
+
+def make_inputs(family, seed=0, batch_size=BATCH_SIZE):
+    rng = np.random.default_rng(seed)
+    token_ids = rng.integers(1, VOCABULARY_SIZE, (batch_size, SEQUENCE_LENGTH))
+    padding_mask = np.ones((batch_size, SEQUENCE_LENGTH), dtype=bool)
+    # The last example is padded, so masking is exercised too.
+    padding_mask[-1, SEQUENCE_LENGTH // 2 :] = False
+    token_ids[~padding_mask] = 0
+    inputs = {"token_ids": token_ids.astype("int32"), "padding_mask": padding_mask}
+    if FAMILIES[family][2]:
+        inputs["segment_ids"] = np.zeros_like(inputs["token_ids"])
+    return inputs
+
+
+def model_outputs(model, inputs):
+    """Return the model's inference outputs as one float64 array."""
+    outputs = model(inputs, training=False)
+    if isinstance(outputs, dict):
+        outputs = outputs["sequence_output"]
+    return keras.ops.convert_to_numpy(outputs).astype("float64")
+
+
+@pytest.fixture(params=sorted(FAMILIES))
+def family(request):
+    return request.param

@@ -1,0 +1,181 @@
+import os
+
+import keras
+import numpy as np
+import pytest
+
+from keras_adapters import AdapterLayer
+
+
+def _relative_error(received, expected):
+    return np.linalg.norm(received - expected) / np.linalg.norm(expected)
+
+
+def test_output_shape_and_weights():
+    layer = AdapterLayer(bottleneck_size=4)
+    outputs = layer(np.ones((2, 3, 16), "float32"))
+
+    assert tuple(outputs.shape) == (2, 3, 16)
+    shapes = {weight.name: tuple(weight.shape) for weight in layer.weights}
+    assert shapes == {
+        "down_kernel": (16, 4),
+        "down_bias": (4,),
+        "up_kernel": (4, 16),
+        "up_bias": (16,),
+    }
+
+
+def test_parameter_count_formula():
+    hidden_size, bottleneck_size = 384, 64
+    layer = AdapterLayer(bottleneck_size=bottleneck_size)
+    layer.build((None, hidden_size))
+
+    expected = 2 * hidden_size * bottleneck_size + hidden_size + bottleneck_size
+    assert layer.count_params() == expected
+
+
+def test_identity_at_initialisation():
+    # Houlsby initialisation: std 1e-3 kernels and zero biases leave the
+    # output within 1e-3 relative error of the input.
+    keras.utils.set_random_seed(0)
+    hidden = np.random.default_rng(0).normal(size=(8, 32, 384)).astype("float32")
+    outputs = keras.ops.convert_to_numpy(AdapterLayer(bottleneck_size=64)(hidden))
+
+    assert _relative_error(outputs, hidden) < 1e-3
+
+
+def test_default_initializers_follow_houlsby():
+    layer = AdapterLayer()
+    for initializer in (layer.down_kernel_initializer, layer.up_kernel_initializer):
+        assert isinstance(initializer, keras.initializers.TruncatedNormal)
+        assert initializer.stddev == pytest.approx(1e-3)
+    for initializer in (layer.down_bias_initializer, layer.up_bias_initializer):
+        assert isinstance(initializer, keras.initializers.Zeros)
+
+
+def test_formula_with_known_weights():
+    layer = AdapterLayer(
+        bottleneck_size=2,
+        activation="relu",
+        down_kernel_initializer="ones",
+        up_kernel_initializer="ones",
+        up_bias_initializer="ones",
+    )
+    hidden = np.array([[1.0, -3.0, 0.5]], "float32")
+    outputs = keras.ops.convert_to_numpy(layer(hidden))
+
+    # W_down·h = -1.5 in both bottleneck units, relu gives 0, W_up·0 + 1 = 1.
+    np.testing.assert_allclose(outputs, hidden + 1.0)
+
+
+def test_without_residual():
+    layer = AdapterLayer(bottleneck_size=2, residual=False)
+    hidden = np.random.default_rng(0).normal(size=(2, 8)).astype("float32")
+    outputs = keras.ops.convert_to_numpy(layer(hidden))
+
+    assert np.abs(outputs).max() < 1e-3
+
+
+def test_reduction_factor_sets_bottleneck():
+    layer = AdapterLayer(reduction_factor=8)
+    layer.build((None, 64))
+
+    assert layer.units == 8
+    assert layer.count_params() == 2 * 64 * 8 + 64 + 8
+
+
+def test_default_reduction_factor_is_16():
+    layer = AdapterLayer()
+    layer.build((None, 384))
+
+    assert layer.units == 24
+
+
+@pytest.mark.parametrize(
+    "kwargs, argument",
+    [
+        ({"bottleneck_size": 0}, "bottleneck_size=0"),
+        ({"bottleneck_size": -3}, "bottleneck_size=-3"),
+        ({"bottleneck_size": 2.5}, "bottleneck_size=2.5"),
+        ({"reduction_factor": 0}, "reduction_factor=0"),
+        ({"bottleneck_size": 4, "reduction_factor": 2}, "reduction_factor=2"),
+        ({"activation": "no_such_activation"}, "activation='no_such_activation'"),
+    ],
+)
+def test_invalid_arguments(kwargs, argument):
+    with pytest.raises(ValueError, match=argument):
+        AdapterLayer(**kwargs)
+
+
+def test_bottleneck_larger_than_hidden_size():
+    layer = AdapterLayer(bottleneck_size=32)
+    with pytest.raises(ValueError, match="bottleneck_size=32"):
+        layer.build((None, 16))
+
+
+def test_reduction_factor_leaving_no_bottleneck():
+    layer = AdapterLayer(reduction_factor=32)
+    with pytest.raises(ValueError, match="reduction_factor=32"):
+        layer.build((None, 16))
+
+
+def test_config_round_trip():
+    layer = AdapterLayer(
+        bottleneck_size=8,
+        activation="relu",
+        residual=False,
+        up_kernel_initializer=keras.initializers.Constant(0.5),
+        name="my_adapter",
+    )
+    restored = AdapterLayer.from_config(layer.get_config())
+
+    assert restored.get_config() == layer.get_config()
+    assert restored.name == "my_adapter"
+    assert restored.residual is False
+    assert restored.activation is keras.activations.relu
+
+
+def test_keras_file_round_trip(tmp_path):
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential(
+        [
+            keras.Input((5, 12)),
+            keras.layers.Dense(12),
+            AdapterLayer(bottleneck_size=3, up_kernel_initializer="glorot_uniform"),
+        ]
+    )
+    inputs = np.random.default_rng(0).normal(size=(2, 5, 12)).astype("float32")
+    expected = model.predict(inputs, verbose=0)
+    path = os.path.join(tmp_path, "model.keras")
+    model.save(path)
+
+    # No custom_objects: the layer is registered with Keras.
+    loaded = keras.models.load_model(path)
+
+    assert isinstance(loaded.layers[-1], AdapterLayer)
+    np.testing.assert_allclose(loaded.predict(inputs, verbose=0), expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16"])
+def test_mixed_precision_dtypes(policy):
+    layer = AdapterLayer(bottleneck_size=4, dtype=policy)
+    outputs = layer(np.ones((2, 16), "float32"))
+
+    compute_dtype = policy.split("_")[1]
+    assert keras.backend.standardize_dtype(outputs.dtype) == compute_dtype
+    for weight in layer.weights:
+        assert weight.dtype == "float32"
+
+
+def test_mask_passes_through():
+    inputs = keras.Input((4,), dtype="int32")
+    embedded = keras.layers.Embedding(10, 8, mask_zero=True)(inputs)
+    adapted = AdapterLayer(bottleneck_size=2)(embedded)
+    pooled = keras.layers.GlobalAveragePooling1D()(adapted)
+    model = keras.Model(inputs, pooled)
+
+    padded = np.array([[1, 2, 0, 0]], "int32")
+    trimmed = np.array([[1, 2]], "int32")
+    np.testing.assert_allclose(
+        model.predict(padded, verbose=0), model.predict(trimmed, verbose=0), atol=1e-6
+    )
