@@ -130,18 +130,21 @@ def parse_args(argv=None):
             "measure their peak memory."
         )
     )
+
     parser.add_argument(
         "--steps",
         type=positive_int,
-        default=4,
-        help="timed training steps per method in each round (default: 4)",
+        default=3,
+        help="timed training steps per method in each round (default: 3)",
     )
+
     parser.add_argument(
         "--inference-steps",
         type=positive_int,
-        default=8,
-        help="timed inference batches per model in each round (default: 8)",
+        default=6,
+        help="timed inference batches per model in each round (default: 6)",
     )
+
     parser.add_argument(
         "--warmup",
         type=non_negative_int,
@@ -151,62 +154,75 @@ def parse_args(argv=None):
             "traces the function and is never timed (default: 1)"
         ),
     )
+
     parser.add_argument(
         "--rounds",
         type=positive_int,
-        default=3,
-        help="rounds of interleaved timing; each round gives one ratio (default: 3)",
+        default=4,
+        help="rounds of interleaved timing; each round gives one ratio (default: 4)",
     )
+
     parser.add_argument(
         "--batch-size",
         type=positive_int,
         default=32,
         help="sentences per batch (default: 32)",
     )
+
     parser.add_argument(
         "--sequence-length",
         type=positive_int,
         default=64,
         help="tokens per sentence; every batch is padded to this length (default: 64)",
     )
+
     parser.add_argument(
         "--bottleneck-size",
         type=positive_int,
         default=64,
         help="adapter bottleneck size r (default: 64)",
     )
+
     parser.add_argument(
         "--extra-rows",
         action=argparse.BooleanOptionalAction,
         default=True,
         help="also measure Pfeiffer placement and head-only training (default: on)",
     )
+
     parser.add_argument(
         "--memory",
         action=argparse.BooleanOptionalAction,
         default=True,
         help="measure peak memory in one subprocess per method (default: on)",
     )
+
     parser.add_argument(
         "--memory-steps",
-        type=positive_int,
-        default=2,
+        type=at_least_two,
+        default=3,
         help=(
             "training steps in each memory subprocess, the first of which "
-            "traces the function (default: 2)"
+            "traces the function; at least 2 (default: 3)"
         ),
     )
+
     parser.add_argument(
         "--profile",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="profile one training step per method after timing (default: on)",
+        help=(
+            "profile one training step and one inference batch per method "
+            "after timing (default: on)"
+        ),
     )
+
     parser.add_argument(
         "--output",
         metavar="PATH",
         help="write the results as JSON to this file",
     )
+
     parser.add_argument(
         "--page",
         metavar="PATH",
@@ -215,6 +231,7 @@ def parse_args(argv=None):
             "generated block of an existing file is kept"
         ),
     )
+
     # Used by the script itself to run one method's memory measurement.
     parser.add_argument("--memory-worker", metavar="METHOD", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
@@ -224,6 +241,13 @@ def positive_int(text):
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def at_least_two(text):
+    value = int(text)
+    if value < 2:
+        raise argparse.ArgumentTypeError(f"must be at least 2, got {value}")
     return value
 
 
@@ -459,8 +483,9 @@ def estimate_matmul_ratios(backbone, sequence_length, bottleneck_size):
     optimizer. A projection with a frozen weight needs one product in the
     backward pass (the input gradient); a trainable one needs two. Attention
     scores and the weighted sum of values have no weights and need two
-    products each. The backward pass runs through every block, down to the
-    embedding layer norm, whenever layer norms train.
+    products each. With adapters, the backward pass runs through every
+    block, down to the embedding layer norm, because layer norms train. In
+    head-only training no gradient enters the blocks.
     """
     hidden = backbone.hidden_dim
     projections = 4 * hidden * hidden + 2 * hidden * backbone.intermediate_dim
@@ -487,8 +512,8 @@ def estimate_matmul_ratios(backbone, sequence_length, bottleneck_size):
 # Profiling.
 
 
-def profile_training(models, batches):
-    """Profile one training step per method and sum its ops by phase."""
+def profile_steps(models, step, batches):
+    """Profile one call of `step` per model and sum its ops by phase."""
     try:
         from tensorflow.tsl.profiler.protobuf import xplane_pb2
     except ImportError as error:
@@ -499,16 +524,29 @@ def profile_training(models, batches):
 
     profiles = {}
     for method, model in models.items():
-        logger.info("Profiling one training step of %s.", method)
+        logger.info("Profiling one %s of %s.", step.__name__, method)
         with tempfile.TemporaryDirectory() as logdir:
             tf.profiler.experimental.start(logdir)
             try:
-                train_step(model, batches[0])
+                step(model, batches[0])
             finally:
                 tf.profiler.experimental.stop()
             space = read_trace(logdir, xplane_pb2)
         profiles[method] = summarize_ops(space, model)
     return profiles
+
+
+def profile_models(models, batches, args):
+    """Profile one training step and one inference batch per model.
+
+    Returns `None` when TensorFlow's traces cannot be read.
+    """
+    training = profile_steps(models, train_step, batches)
+    if training is None:
+        return None
+    inference_models = {method: models[method] for method in inference_methods(args)}
+    inference = profile_steps(inference_models, predict_step, batches)
+    return {"training": training, "inference": inference}
 
 
 def read_trace(logdir, xplane_pb2):
@@ -527,7 +565,7 @@ def read_trace(logdir, xplane_pb2):
 def summarize_ops(space, model):
     """Count matrix products and sum op time by phase in a trace.
 
-    TensorFlow records each executed op as an event named
+    TensorFlow 2.21 records each executed op as an event named
     `"<op name>:<op type>"`. Ops under `gradient_tape/` and the `AddN` ops
     that sum gradients belong to the backward pass, ops under the
     optimizer's name scope to the weight update, and ops under the model's
@@ -542,7 +580,7 @@ def summarize_ops(space, model):
     seconds = {"forward": 0.0, "backward": 0.0, "optimizer": 0.0, "other": 0.0}
     matmuls = {"forward": 0, "backward": 0}
     embedding_gradient_ops = 0
-    adapter_seconds = 0.0
+    adapter_seconds = {"matmul": 0.0, "other": 0.0}
     for plane in space.planes:
         for line in plane.lines:
             for event in line.events:
@@ -565,7 +603,8 @@ def summarize_ops(space, model):
                 if op_type in MATMUL_OP_TYPES and phase in matmuls:
                     matmuls[phase] += 1
                 if adapter_scope.search(name):
-                    adapter_seconds += duration
+                    kind = "matmul" if op_type in MATMUL_OP_TYPES else "other"
+                    adapter_seconds[kind] += duration
                 in_embedding = any(layer in name for layer in EMBEDDING_LAYER_NAMES)
                 if (phase == "backward" and in_embedding) or (
                     phase == "optimizer" and op_type == "UnsortedSegmentSum"
@@ -606,7 +645,8 @@ def measure_memory(args):
         if completed.returncode != 0:
             raise RuntimeError(
                 f"The memory subprocess for {method} failed with exit code "
-                f"{completed.returncode}. Its last output:\n{completed.stderr[-3000:]}"
+                f"{completed.returncode}. The end of its standard error:\n"
+                f"{completed.stderr[-3000:]}"
             )
         results[method] = json.loads(completed.stdout.strip().splitlines()[-1])
     return results
@@ -619,21 +659,28 @@ def run_memory_worker(args):
     model = build_model(method, args.bottleneck_size)
     peak_loading = read_status_kib("VmHWM")
 
-    # Restart the peak count, so that the peak of loading and converting
-    # the checkpoint does not hide the peak of training.
+    # Restart the peak count before training and again after the first
+    # step, so that loading the checkpoint and tracing the function do not
+    # hide the peak of the later, ordinary steps.
     peak_was_reset = reset_peak_rss()
     before_training = read_status_kib("VmRSS")
-    for index in range(args.memory_steps):
+    train_step(model, batches[0])
+    peak_first_step = read_status_kib("VmHWM")
+
+    peak_was_reset = reset_peak_rss() and peak_was_reset
+    before_later_steps = read_status_kib("VmRSS")
+    for index in range(1, args.memory_steps):
         train_step(model, batches[index])
-    peak_training = read_status_kib("VmHWM")
+    peak_later_steps = read_status_kib("VmHWM")
 
     result = {
         "method": method,
         "steps": args.memory_steps,
         "peak_rss_loading_mib": peak_loading / 1024,
         "rss_before_training_mib": before_training / 1024,
-        "peak_rss_training_mib": peak_training / 1024,
-        "training_growth_mib": (peak_training - before_training) / 1024,
+        "peak_rss_first_step_mib": peak_first_step / 1024,
+        "rss_after_first_step_mib": before_later_steps / 1024,
+        "peak_rss_later_steps_mib": peak_later_steps / 1024,
         "peak_was_reset": peak_was_reset,
     }
     print(json.dumps(result))
@@ -652,7 +699,7 @@ def reset_peak_rss():
     """Reset the kernel's peak RSS count of this process.
 
     Returns whether it worked. Writing 5 to /proc/self/clear_refs resets
-    VmHWM on Linux 4.0 and later.
+    VmHWM to the current RSS, which Linux supports since 4.0 (see proc(5)).
     """
     try:
         with open("/proc/self/clear_refs", "w") as file:
@@ -667,7 +714,7 @@ def reset_peak_rss():
 
 
 def describe_machine():
-    """Return the versions, CPU and load of this machine as a dict."""
+    """Return this machine's CPU, platform and package versions as a dict."""
     cpu_model = platform.processor() or "unknown"
     try:
         with open("/proc/cpuinfo") as file:
@@ -727,7 +774,11 @@ def training_table(results):
     ]
     memory = results.get("memory")
     if memory:
-        header += ["peak RSS training (MiB)", "growth in training (MiB)"]
+        header += [
+            "RSS before training (MiB)",
+            "peak RSS, first step (MiB)",
+            "peak RSS, later steps (MiB)",
+        ]
     rows = []
     for method, timing in results["training"].items():
         counts = results["parameters"][method]
@@ -741,8 +792,9 @@ def training_table(results):
         ]
         if memory:
             row += [
-                f"{memory[method]['peak_rss_training_mib']:,.0f}",
-                f"{memory[method]['training_growth_mib']:,.0f}",
+                f"{memory[method]['rss_before_training_mib']:,.0f}",
+                f"{memory[method]['peak_rss_first_step_mib']:,.0f}",
+                f"{memory[method]['peak_rss_later_steps_mib']:,.0f}",
             ]
         rows.append(row)
     return format_table(header, rows)
@@ -768,7 +820,7 @@ def inference_table(results):
     return format_table(header, rows)
 
 
-def profile_table(results):
+def training_profile_table(results):
     header = [
         "method",
         "matmuls forward",
@@ -777,11 +829,10 @@ def profile_table(results):
         "op time forward (s)",
         "op time backward (s)",
         "op time optimizer (s)",
-        "op time other (s)",
         "op time in adapters (s)",
     ]
     rows = []
-    for method, profile in results["profile"].items():
+    for method, profile in results["profile"]["training"].items():
         seconds = profile["op_seconds"]
         rows.append(
             [
@@ -792,8 +843,29 @@ def profile_table(results):
                 f"{seconds['forward']:.3f}",
                 f"{seconds['backward']:.3f}",
                 f"{seconds['optimizer']:.3f}",
-                f"{seconds['other']:.3f}",
-                f"{profile['adapter_op_seconds']:.3f}",
+                f"{sum(profile['adapter_op_seconds'].values()):.3f}",
+            ]
+        )
+    return format_table(header, rows)
+
+
+def inference_profile_table(results):
+    header = [
+        "model",
+        "matmuls",
+        "op time (s)",
+        "op time in adapter matmuls (s)",
+        "op time in other adapter ops (s)",
+    ]
+    rows = []
+    for method, profile in results["profile"]["inference"].items():
+        rows.append(
+            [
+                INFERENCE_DESCRIPTIONS[method],
+                profile["matmuls"]["forward"],
+                f"{sum(profile['op_seconds'].values()):.3f}",
+                f"{profile['adapter_op_seconds']['matmul']:.3f}",
+                f"{profile['adapter_op_seconds']['other']:.3f}",
             ]
         )
     return format_table(header, rows)
@@ -839,31 +911,35 @@ def format_results(results):
     ]
     if results.get("profile"):
         sections.append(
-            "### One profiled training step\n\n" + profile_table(results)
+            "### One profiled training step\n\n" + training_profile_table(results)
+        )
+        sections.append(
+            "### One profiled inference batch\n\n"
+            + inference_profile_table(results)
         )
     return "\n\n".join(sections)
 
 
-def format_page(results):
-    """Format the generated block of the results page."""
+def format_report(results):
+    """Format the run's settings, machine and result tables as Markdown."""
     settings = results["settings"]
     machine = results["machine"]
     run = results["run"]
     memory_note = (
         "Peak memory is the peak resident set size (VmHWM in /proc/self/status) "
         "of a fresh subprocess per method while it runs "
-        f"{settings['memory_steps']} training steps, the first of which traces "
-        "the function. The peak count is reset after the model is loaded, so "
-        "loading and converting the checkpoint does not count. Growth is the "
-        "peak minus the RSS just before the first step. The RSS includes the "
-        "TensorFlow runtime, the tokenizer and the data, the same for every method."
+        f"{settings['memory_steps']} training steps. The peak count is reset "
+        "after the model is loaded and again after the first step, which "
+        "traces the function, so the first column covers tracing plus one "
+        "step and the second the later, ordinary steps. Both include the "
+        "TensorFlow runtime, the tokenizer, the data and the loaded weights, "
+        "the same for every method. proc(5) warns that the kernel's RSS "
+        "counters are slightly inexact, so read differences of a few MiB as noise."
     )
     if not results.get("memory"):
         memory_note = "Peak memory was not measured in this run (`--no-memory`)."
 
     lines = [
-        PAGE_BEGIN,
-        "",
         f"Command: `{run['command']}`",
         "",
         f"- Date: {run['started']} (UTC). Wall time of the run: "
@@ -878,10 +954,10 @@ def format_page(results):
         f"before the run, {format_load(run['load_after'])} after it.",
         f"- Settings: batch size {settings['batch_size']}, sequence length "
         f"{settings['sequence_length']} (every batch padded to it), bottleneck "
-        f"size {settings['bottleneck_size']}, {settings['rounds']} rounds of "
-        f"{settings['steps']} training steps and {settings['inference_steps']} "
-        f"inference batches per method, {settings['warmup']} untimed warm-up "
-        "steps after the traced first call.",
+        f"size {settings['bottleneck_size']}. Rounds: {settings['rounds']}, each "
+        f"with {settings['steps']} timed training steps and "
+        f"{settings['inference_steps']} timed inference batches per method. "
+        f"Untimed warm-up steps after the traced first call: {settings['warmup']}.",
         "",
         "This machine is shared with other jobs, so absolute times are noisy. "
         "Compare the ratios, which are measured within one process, with the "
@@ -890,8 +966,6 @@ def format_page(results):
         format_results(results),
         "",
         memory_note,
-        "",
-        PAGE_END,
     ]
     return "\n".join(lines)
 
@@ -901,8 +975,8 @@ def format_load(load):
 
 
 def write_page(path, results):
-    """Write the generated block to `path`, keeping any text around it."""
-    block = format_page(results)
+    """Write the report to `path`, keeping any text around its block."""
+    block = "\n\n".join([PAGE_BEGIN, format_report(results), PAGE_END])
     text = ""
     if os.path.exists(path):
         with open(path) as file:
@@ -919,10 +993,7 @@ def write_page(path, results):
 
 def print_results(results):
     print()
-    print(format_results(results))
-    if results.get("memory"):
-        print()
-        print("Peak memory: peak RSS of one subprocess per method while training.")
+    print(format_report(results))
     print()
 
 
@@ -954,7 +1025,7 @@ def run_benchmark(args):
     results["training"] = measure_training(models, batches, args)
     results["inference"] = measure_inference(models, batches, args)
     if args.profile:
-        results["profile"] = profile_training(models, batches)
+        results["profile"] = profile_models(models, batches, args)
 
     jit_compile = models[BASELINE_METHOD].jit_compile
     del models
@@ -962,7 +1033,7 @@ def run_benchmark(args):
         results["memory"] = measure_memory(args)
 
     results["run"] = {
-        "command": shlex.join([os.path.relpath(sys.executable)] + sys.argv),
+        "command": shlex.join(["python"] + sys.argv),
         "started": started.strftime("%Y-%m-%d %H:%M"),
         "wall_seconds": time.perf_counter() - start_time,
         "load_before": load_before,

@@ -1,0 +1,297 @@
+import json
+import os
+
+import keras
+import numpy as np
+import pytest
+from conftest import fit_briefly
+from conftest import make_classifier
+from conftest import make_inputs
+from conftest import model_outputs
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+import keras_adapters
+from keras_adapters.persistence import METADATA_KEY
+
+BOTTLENECK_SIZE = 4
+
+
+def _trained_classifier(family="bert", seed=0, name="task"):
+    model = make_classifier(family, seed=seed)
+    keras_adapters.add_adapters(model, name=name, bottleneck_size=BOTTLENECK_SIZE)
+    fit_briefly(model, make_inputs(family))
+    return model
+
+
+def _values(model):
+    return [keras.ops.convert_to_numpy(weight).copy() for weight in model.weights]
+
+
+def _assert_unchanged(model, values):
+    for weight, value in zip(model.weights, values):
+        assert np.array_equal(keras.ops.convert_to_numpy(weight), value), weight.path
+
+
+def test_round_trip_into_fresh_model(family, tmp_path):
+    trained = _trained_classifier(family)
+    inputs = make_inputs(family)
+    expected = model_outputs(trained, inputs)
+    path = keras_adapters.save_adapters(trained, tmp_path / "task.safetensors")
+
+    # A fresh model with the same seed stands for the same preset. It
+    # differs from the trained model only in what training changed.
+    fresh = make_classifier(family, seed=0)
+    assert np.abs(model_outputs(fresh, inputs) - expected).max() > 1e-4
+    name = keras_adapters.load_adapters(fresh, path)
+
+    assert name == "task"
+    np.testing.assert_allclose(model_outputs(fresh, inputs), expected, atol=1e-6)
+    assert keras_adapters.count_parameters(fresh) == keras_adapters.count_parameters(
+        trained
+    )
+
+
+def test_file_holds_only_trained_weights(tmp_path):
+    trained = _trained_classifier()
+    path = keras_adapters.save_adapters(trained, tmp_path / "task.safetensors")
+
+    with safe_open(path, framework="np") as file:
+        keys = set(file.keys())
+    trainable_size = keras_adapters.count_parameters(trained).trainable
+    saved_size = 0
+    with safe_open(path, framework="np") as file:
+        for key in keys:
+            saved_size += file.get_tensor(key).size
+    assert saved_size == trainable_size
+    assert "adapters/backbone/transformer_layer_0/attention/down_kernel" in keys
+    assert "layer_norms/backbone/transformer_layer_1/feedforward_layer_norm/gamma" in keys
+    assert "head/backbone/pooled_dense/kernel" in keys
+    assert "head/logits/kernel" in keys
+    assert not any("token_embedding" in key for key in keys)
+
+
+def test_file_without_head_and_layer_norms(tmp_path):
+    model = make_classifier("bert")
+    keras_adapters.add_adapters(
+        model,
+        bottleneck_size=BOTTLENECK_SIZE,
+        train_layer_norms=False,
+        train_head=False,
+    )
+    path = keras_adapters.save_adapters(model, tmp_path / "a.safetensors")
+
+    with safe_open(path, framework="np") as file:
+        keys = list(file.keys())
+    assert len(keys) == 2 * 2 * 4
+    assert all(key.startswith("adapters/") for key in keys)
+
+
+def test_file_size_close_to_raw_bytes(tmp_path):
+    model = make_classifier("bert")
+    keras_adapters.add_adapters(model, bottleneck_size=BOTTLENECK_SIZE)
+    path = keras_adapters.save_adapters(model, tmp_path / "a.safetensors")
+
+    raw_bytes = 4 * keras_adapters.count_parameters(model).trainable
+    # The JSON header is a fixed cost of a few KiB, large only next to the
+    # weights of a tiny model.
+    assert raw_bytes <= os.path.getsize(path) <= raw_bytes + 8192
+
+
+def test_config_records_settings(tmp_path):
+    model = make_classifier("roberta")
+    keras_adapters.add_adapters(
+        model,
+        name="sst",
+        placement="pfeiffer",
+        bottleneck_size=BOTTLENECK_SIZE,
+        activation="relu",
+        train_layer_norms=False,
+    )
+    path = keras_adapters.save_adapters(model, tmp_path / "sst.safetensors")
+    config = keras_adapters.read_adapter_config(path)
+
+    assert config["format_version"] == 1
+    assert config["adapter_name"] == "sst"
+    assert config["placements"] == ["feedforward"]
+    assert config["adapter"]["bottleneck_size"] == BOTTLENECK_SIZE
+    assert config["adapter"]["activation"] == "relu"
+    assert config["trained"] == {"adapters": True, "layer_norms": False, "head": True}
+    assert config["base_model"] == {
+        "backbone_class": "RobertaBackbone",
+        "task_class": "RobertaTextClassifier",
+        "block_class": "TransformerEncoder",
+        "hidden_size": 16,
+        "num_blocks": 2,
+    }
+
+
+def test_load_rebuilds_settings(tmp_path):
+    model = make_classifier("bert")
+    keras_adapters.add_adapters(
+        model,
+        name="sst",
+        placement="pfeiffer",
+        bottleneck_size=BOTTLENECK_SIZE,
+        train_layer_norms=False,
+    )
+    path = keras_adapters.save_adapters(model, tmp_path / "sst.safetensors")
+    fresh = make_classifier("bert")
+    keras_adapters.load_adapters(fresh, path)
+
+    keys = [key for key, adapter in keras_adapters.rewriting.iter_adapters(fresh)]
+    assert keys == [
+        "backbone/transformer_layer_0/feedforward",
+        "backbone/transformer_layer_1/feedforward",
+    ]
+    trainable = {weight.path for weight in fresh.trainable_weights}
+    assert "transformer_layer_0/self_attention_layer_norm/gamma" not in trainable
+
+
+def test_load_under_new_name(tmp_path):
+    trained = _trained_classifier(name="first")
+    path = keras_adapters.save_adapters(trained, tmp_path / "first.safetensors")
+    fresh = make_classifier("bert")
+
+    assert keras_adapters.load_adapters(fresh, path, name="renamed") == "renamed"
+    assert keras_adapters.adapter_names(fresh) == ["renamed"]
+
+
+def test_load_into_model_with_same_adapters(tmp_path):
+    trained = _trained_classifier()
+    inputs = make_inputs("bert")
+    path = keras_adapters.save_adapters(trained, tmp_path / "task.safetensors")
+    target = make_classifier("bert")
+    keras_adapters.add_adapters(target, name="task", bottleneck_size=BOTTLENECK_SIZE)
+    keras_adapters.load_adapters(target, path)
+
+    np.testing.assert_allclose(
+        model_outputs(target, inputs), model_outputs(trained, inputs), atol=1e-6
+    )
+
+
+def test_save_needs_name_with_several_adapters(tmp_path):
+    model = make_classifier("bert")
+    keras_adapters.add_adapters(model, name="a", bottleneck_size=BOTTLENECK_SIZE)
+    keras_adapters.add_adapters(model, name="b", bottleneck_size=BOTTLENECK_SIZE)
+
+    with pytest.raises(ValueError, match="Pass `name`"):
+        keras_adapters.save_adapters(model, tmp_path / "x.safetensors")
+    with pytest.raises(ValueError, match="no adapters named 'c'"):
+        keras_adapters.save_adapters(model, tmp_path / "x.safetensors", name="c")
+    path = keras_adapters.save_adapters(model, tmp_path / "b.safetensors", name="b")
+    assert keras_adapters.read_adapter_config(path)["adapter_name"] == "b"
+
+
+def test_missing_file():
+    model = make_classifier("bert")
+    with pytest.raises(FileNotFoundError, match="no_such.safetensors"):
+        keras_adapters.load_adapters(model, "no_such.safetensors")
+
+
+def test_truncated_file_leaves_model_unchanged(tmp_path):
+    trained = _trained_classifier()
+    path = keras_adapters.save_adapters(trained, tmp_path / "task.safetensors")
+    data = open(path, "rb").read()
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(data[: len(data) // 2])
+    model = make_classifier("bert")
+    values = _values(model)
+
+    with pytest.raises(ValueError, match="truncated or corrupted"):
+        keras_adapters.load_adapters(model, truncated)
+    assert keras_adapters.adapter_names(model) == []
+    _assert_unchanged(model, values)
+
+
+def test_keras_weights_file_rejected(tmp_path):
+    model = make_classifier("bert")
+    path = str(tmp_path / "model.weights.h5")
+    model.save_weights(path)
+
+    with pytest.raises(ValueError, match="not a valid safetensors file"):
+        keras_adapters.load_adapters(model, path)
+
+
+def test_plain_safetensors_file_rejected(tmp_path):
+    path = str(tmp_path / "plain.safetensors")
+    save_file({"weight": np.zeros((2, 2), "float32")}, path)
+    model = make_classifier("bert")
+
+    with pytest.raises(ValueError, match="not a keras_adapters adapter file"):
+        keras_adapters.load_adapters(model, path)
+
+
+def test_unknown_format_version(tmp_path):
+    trained = _trained_classifier()
+    path = keras_adapters.save_adapters(trained, tmp_path / "task.safetensors")
+    with safe_open(path, framework="np") as file:
+        tensors = {key: file.get_tensor(key) for key in file.keys()}
+        config = json.loads(file.metadata()[METADATA_KEY])
+    config["format_version"] = 99
+    future = str(tmp_path / "future.safetensors")
+    save_file(tensors, future, metadata={METADATA_KEY: json.dumps(config)})
+
+    with pytest.raises(ValueError, match="format_version=99"):
+        keras_adapters.load_adapters(make_classifier("bert"), future)
+
+
+def test_other_architecture_rejected(tmp_path):
+    trained = _trained_classifier("bert")
+    path = keras_adapters.save_adapters(trained, tmp_path / "bert.safetensors")
+    model = make_classifier("roberta")
+    values = _values(model)
+
+    with pytest.raises(ValueError, match="backbone_class='BertBackbone'"):
+        keras_adapters.load_adapters(model, path)
+    _assert_unchanged(model, values)
+    assert keras_adapters.adapter_names(model) == []
+
+
+def test_wrong_shape_leaves_model_unchanged(tmp_path):
+    trained = _trained_classifier()
+    path = keras_adapters.save_adapters(trained, tmp_path / "task.safetensors")
+    model = make_classifier("bert")
+    keras_adapters.add_adapters(model, name="task", bottleneck_size=2)
+    values = _values(model)
+
+    with pytest.raises(ValueError, match="shape mismatch"):
+        keras_adapters.load_adapters(model, path)
+    _assert_unchanged(model, values)
+
+
+def test_head_shape_mismatch_removes_new_adapters(tmp_path):
+    trained = _trained_classifier()
+    path = keras_adapters.save_adapters(trained, tmp_path / "task.safetensors")
+    model = make_classifier("bert", num_classes=3)
+    values = _values(model)
+
+    with pytest.raises(ValueError, match="head/logits/kernel"):
+        keras_adapters.load_adapters(model, path)
+    assert keras_adapters.adapter_names(model) == []
+    _assert_unchanged(model, values)
+
+
+def test_failed_save_keeps_previous_file(tmp_path, monkeypatch):
+    trained = _trained_classifier()
+    path = keras_adapters.save_adapters(trained, tmp_path / "task.safetensors")
+    good = open(path, "rb").read()
+
+    def failing_save(tensors, filename, metadata=None):
+        with open(filename, "wb") as file:
+            file.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr("safetensors.numpy.save_file", failing_save)
+    with pytest.raises(OSError, match="disk full"):
+        keras_adapters.save_adapters(trained, path)
+
+    assert open(path, "rb").read() == good
+    assert os.listdir(tmp_path) == ["task.safetensors"]
+
+
+def test_save_into_missing_folder(tmp_path):
+    model = make_classifier("bert")
+    keras_adapters.add_adapters(model, bottleneck_size=BOTTLENECK_SIZE)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        keras_adapters.save_adapters(model, tmp_path / "missing" / "a.safetensors")

