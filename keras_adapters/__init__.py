@@ -9,8 +9,10 @@ from keras_adapters.registry import InsertionPoints
 from keras_adapters.registry import register_block
 from keras_adapters.registry import registered_blocks
 from keras_adapters.rewriting import ParameterCounts
+from keras_adapters.rewriting import active_adapters
 from keras_adapters.rewriting import adapter_names
 from keras_adapters.rewriting import add_adapters
 from keras_adapters.rewriting import count_parameters
 from keras_adapters.rewriting import remove_adapters
+from keras_adapters.rewriting import set_active_adapters
 from keras_adapters.version import __version__

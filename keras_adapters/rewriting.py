@@ -200,6 +200,47 @@ def remove_adapters(model, name):
     reset_compiled_functions(model)
 
 
+def set_active_adapters(model, names):
+    """Choose which adapters run, and so which adapters train.
+
+    Args:
+        model: an adapted model.
+        names: a name, a list of names to run stacked in that order, or
+            `None` or `[]` to turn all adapters off. With all adapters off
+            the model computes exactly what the base model computes.
+    """
+    if names is None:
+        names = []
+    elif isinstance(names, str):
+        names = [names]
+    names = list(names)
+    present = adapter_names(model)
+    unknown = [name for name in names if name not in present]
+    if unknown:
+        raise ValueError(
+            f"Unknown adapter names {unknown}. Adapters present: {present}"
+        )
+
+    for block_path, block in find_blocks(model):
+        for placement_name, wrapper in _wrappers_of(block):
+            wrapper.active_adapters = [
+                name for name in names if name in wrapper.adapters
+            ]
+    update_trainable(model)
+    reset_compiled_functions(model)
+
+
+def active_adapters(model):
+    """Return the names of the adapters that run, in the order they run."""
+    names = []
+    for block_path, block in find_blocks(model):
+        for placement_name, wrapper in _wrappers_of(block):
+            for adapter in _active_adapter_names(wrapper):
+                if adapter not in names:
+                    names.append(adapter)
+    return names
+
+
 def adapter_names(model):
     """Return the names of the adapters in `model`, in the order added."""
     names = []
@@ -394,11 +435,14 @@ def _get_state(model):
     return getattr(model, _STATE_ATTRIBUTE, None)
 
 
+def _active_adapter_names(wrapper):
+    if wrapper.active_adapters is None:
+        return list(wrapper.adapters)
+    return list(wrapper.active_adapters)
+
+
 def _active_adapters(wrapper):
-    names = wrapper.active_adapters
-    if names is None:
-        names = list(wrapper.adapters)
-    return [wrapper.adapters[name] for name in names]
+    return [wrapper.adapters[name] for name in _active_adapter_names(wrapper)]
 
 
 def _insert_adapter(block, placement_name, name, template):

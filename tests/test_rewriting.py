@@ -346,3 +346,38 @@ def test_registered_custom_block():
 
     assert keras_adapters.count_parameters(model).adapters == 2 * 8 * 2 + 8 + 2
     assert isinstance(model.get_layer("block").output_dropout, AdaptedSublayer)
+
+
+def test_set_active_adapters():
+    model = make_classifier("bert")
+    inputs = make_inputs("bert")
+    base = model_outputs(model, inputs)
+    for name, seed in (("first", 1), ("second", 2)):
+        keras_adapters.add_adapters(
+            model,
+            name=name,
+            bottleneck_size=BOTTLENECK_SIZE,
+            up_bias_initializer=keras.initializers.RandomNormal(1.0, seed=seed),
+        )
+    both = model_outputs(model, inputs)
+
+    keras_adapters.set_active_adapters(model, None)
+    assert keras_adapters.active_adapters(model) == []
+    np.testing.assert_array_equal(model_outputs(model, inputs), base)
+    groups = keras_adapters.rewriting.weight_groups(model)
+    assert "adapters" not in {groups.get(id(w)) for w in model.trainable_weights}
+
+    keras_adapters.set_active_adapters(model, "second")
+    assert keras_adapters.active_adapters(model) == ["second"]
+    second = model_outputs(model, inputs)
+    assert np.abs(second - base).max() > 1e-3
+    assert np.abs(second - both).max() > 1e-3
+    trainable = {weight.path for weight in model.trainable_weights}
+    assert "transformer_layer_0/attention/second/down_kernel" in trainable
+    assert "transformer_layer_0/attention/first/down_kernel" not in trainable
+
+    keras_adapters.set_active_adapters(model, ["first", "second"])
+    np.testing.assert_allclose(model_outputs(model, inputs), both, atol=1e-6)
+
+    with pytest.raises(ValueError, match="Unknown adapter names"):
+        keras_adapters.set_active_adapters(model, "third")
