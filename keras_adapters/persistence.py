@@ -3,7 +3,7 @@
 An adapter file is a safetensors file. Its tensors are the trained weights,
 stored as float32 and keyed by stable layer paths such as
 `adapters/backbone/transformer_layer_0/attention/down_kernel`. Its metadata
-holds one JSON config, under the key `keras_adapters`, with what
+contains one JSON config, under the key `keras_adapters`, with what
 `load_adapters` needs to rebuild the adapters on a fresh model of the same
 preset.
 """
@@ -29,7 +29,7 @@ HEAD_GROUP = "head"
 def save_adapters(model, path, name=None):
     """Save the adapters called `name`, and what else trained, to `path`.
 
-    The file holds the adapters' weights and, when they were trained, the
+    The file contains the adapters' weights and, when they were trained, the
     backbone's layer norms and the task head. The frozen backbone weights are
     not saved. The file is written to a temporary file beside `path` and
     then renamed, so a failed save never leaves a partial file at `path` or

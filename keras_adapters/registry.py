@@ -1,6 +1,6 @@
 """Insertion points of adapters in keras-hub transformer blocks.
 
-This module is the one place that knows keras-hub's block internals. For each
+This module is the one place that depends on keras-hub's block internals. For each
 block class it records which sublayer ends each branch of the block, so that
 an adapter wrapped around that sublayer runs after the branch's output
 projection and dropout and before the block's residual add, where Houlsby et
@@ -55,7 +55,7 @@ def register_block(
 ):
     """Register where adapters go in blocks of `block_class`.
 
-    Each argument names the attribute that holds the last sublayer of a
+    Each argument names the attribute that contains the last sublayer of a
     branch before the block's residual add. Registering a class again
     replaces its entry.
 

@@ -26,7 +26,7 @@ _STATE_ATTRIBUTE = "_keras_adapters_state"
 
 @dataclasses.dataclass
 class _AdapterState:
-    """What `add_adapters` needs to remember on an adapted model."""
+    """Settings that `add_adapters` records on an adapted model."""
 
     train_adapters: bool = True
     train_layer_norms: bool = True
@@ -84,11 +84,11 @@ def add_adapters(
     branch, after its output projection and dropout and before the block's
     residual add and layer norm. Afterwards the backbone's other weights are
     frozen, and only the adapters, the layer norms and the task head train.
-    Compile the model after this call, so that the optimizer sees the new
+    Compile the model after this call, so that the optimizer tracks the new
     trainable weights.
 
     Args:
-        model: a keras-hub backbone, or a task model that holds one, such as
+        model: a keras-hub backbone, or a task model that contains one, such as
             `keras_hub.models.BertTextClassifier`.
         name: string. Name of the adapters. Defaults to `"adapter"`.
         placement: string or list of strings. `"houlsby"` (the default)

@@ -105,7 +105,7 @@ def test_training_lowers_loss_and_reloads(batch, tmp_path):
     assert loss_after < 0.9 * loss_before
 
     path = keras_adapters.save_adapters(model, tmp_path / "movies.safetensors")
-    # The file holds the float32 trained weights and a small JSON header.
+    # The file contains the float32 trained weights and a small JSON header.
     raw_bytes = 4 * keras_adapters.count_parameters(model).trainable
     assert os.path.getsize(path) <= 1.01 * raw_bytes
 
