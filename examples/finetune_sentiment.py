@@ -96,8 +96,8 @@ def parse_args(argv=None):
         "--sequence-length",
         type=int,
         default=64,
-        help="Maximum tokens per example. Each batch is then cut to its "
-        "longest example.",
+        help="Maximum tokens per example. Batches group examples of similar "
+        "length and are padded only to their longest example.",
     )
     parser.add_argument(
         "--learning-rate",
@@ -144,26 +144,39 @@ def _text_and_label(example):
 
 
 def make_batches(dataset, preprocessor, batch_size, shuffle_seed=None):
-    """Batch, tokenize and cut each batch to its longest example."""
+    """Tokenize, then batch examples of similar length together.
+
+    Most sentences are far shorter than the maximum sequence length, so each
+    example is cut to its own length and batches are drawn from buckets of
+    similar lengths, padded only to their longest example. With a shuffle
+    seed, examples are reshuffled every epoch before bucketing.
+    """
+    dataset = dataset.map(
+        lambda text, label: (trim_padding(preprocessor(text)), label),
+        num_parallel_calls=tf.data.AUTOTUNE,
+    ).cache()
     if shuffle_seed is not None:
         dataset = dataset.shuffle(10_000, seed=shuffle_seed)
-    return (
-        dataset.batch(batch_size)
-        .map(preprocessor, num_parallel_calls=tf.data.AUTOTUNE)
-        .map(trim_padding)
-        .prefetch(tf.data.AUTOTUNE)
+    boundaries = list(range(16, preprocessor.sequence_length, 8))
+    batches = dataset.bucket_by_sequence_length(
+        element_length_func=lambda features, label: tf.shape(
+            features["token_ids"]
+        )[0],
+        bucket_boundaries=boundaries,
+        bucket_batch_sizes=[batch_size] * (len(boundaries) + 1),
     )
+    # Each example's bucket depends only on its length, so the number of
+    # batches is the same in every epoch. Counting it once gives `fit` a
+    # progress bar with a known total.
+    count = int(batches.reduce(0, lambda count, batch: count + 1))
+    batches = batches.apply(tf.data.experimental.assert_cardinality(count))
+    return batches.prefetch(tf.data.AUTOTUNE)
 
 
-def trim_padding(features, labels):
-    """Cut padding columns that no example in the batch uses.
-
-    Most sentences are far shorter than the maximum sequence length, so this
-    saves most of the compute of padded positions.
-    """
-    lengths = tf.reduce_sum(tf.cast(features["padding_mask"], tf.int32), 1)
-    longest = tf.reduce_max(lengths)
-    return {key: value[:, :longest] for key, value in features.items()}, labels
+def trim_padding(features):
+    """Cut one tokenized example to its length, dropping its padding."""
+    length = tf.reduce_sum(tf.cast(features["padding_mask"], tf.int32))
+    return {key: value[:length] for key, value in features.items()}
 
 
 def build_classifier(preset):
@@ -194,10 +207,8 @@ def main(argv=None):
     )
     train_batches = make_batches(
         train, preprocessor, args.batch_size, shuffle_seed=args.seed
-    ).cache()
-    held_out_batches = make_batches(
-        held_out, preprocessor, args.batch_size
-    ).cache()
+    )
+    held_out_batches = make_batches(held_out, preprocessor, args.batch_size)
 
     classifier = build_classifier(args.preset)
     keras_adapters.add_adapters(
