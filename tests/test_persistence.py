@@ -1,5 +1,8 @@
 import json
 import os
+import signal
+import subprocess
+import sys
 
 import keras
 import numpy as np
@@ -295,3 +298,26 @@ def test_save_into_missing_folder(tmp_path):
     keras_adapters.add_adapters(model, bottleneck_size=BOTTLENECK_SIZE)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         keras_adapters.save_adapters(model, tmp_path / "missing" / "a.safetensors")
+
+
+def test_killed_save_keeps_previous_file(tmp_path):
+    script = os.path.join(os.path.dirname(__file__), "scripts", "interrupted_save.py")
+    path = str(tmp_path / "task.safetensors")
+    process = subprocess.Popen(
+        [sys.executable, script, path], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert process.stdout.readline().strip() == "saved"
+        good = open(path, "rb").read()
+        assert process.stdout.readline().strip() == "writing"
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+    assert process.returncode == -signal.SIGKILL
+    assert open(path, "rb").read() == good
+    config = keras_adapters.read_adapter_config(path)
+    assert config["adapter_name"] == "adapter"
