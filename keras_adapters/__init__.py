@@ -7,6 +7,7 @@ from keras_adapters.persistence import read_adapter_config
 from keras_adapters.persistence import save_adapters
 from keras_adapters.registry import InsertionPoints
 from keras_adapters.registry import register_block
+from keras_adapters.registry import register_layer_norm
 from keras_adapters.registry import registered_blocks
 from keras_adapters.rewriting import ParameterCounts
 from keras_adapters.rewriting import active_adapters

@@ -282,10 +282,24 @@ class AdaptedSublayer(keras.layers.Layer):
             self.active_adapters.remove(name)
         return adapter
 
-    def call(self, inputs, *args, training=None, **kwargs):
-        if self._sublayer_takes_training:
+    def __call__(self, *args, **kwargs):
+        # Keras's Layer.__call__ rejects a `**kwargs` argument that mixes
+        # tensors and other values, such as the cache tensor and integer
+        # index that cached decoding passes, so the wrapper calls `call`
+        # itself. The sublayer and the adapters still go through their own
+        # `__call__`, which handles dtypes, masks and the training flag.
+        self.built = True
+        return self.call(*args, **kwargs)
+
+    def call(self, inputs=None, *args, training=None, **kwargs):
+        if self._sublayer_takes_training and training is not None:
             kwargs["training"] = training
-        outputs = self.sublayer(inputs, *args, **kwargs)
+        if inputs is None:
+            # The block passed the sublayer's inputs by keyword, as SmolLM3
+            # passes `hidden_states=` to its attention.
+            outputs = self.sublayer(*args, **kwargs)
+        else:
+            outputs = self.sublayer(inputs, *args, **kwargs)
 
         names = (
             list(self.adapters)

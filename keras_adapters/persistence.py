@@ -15,6 +15,7 @@ import tempfile
 import keras
 import numpy as np
 
+from keras_adapters import registry
 from keras_adapters import rewriting
 from keras_adapters.version import __version__
 
@@ -167,7 +168,7 @@ def _saved_variables(model, name, state):
 
 
 def _is_backbone_layer_norm(path, layer, backbone):
-    if not isinstance(layer, keras.layers.LayerNormalization):
+    if not registry.is_layer_norm(layer):
         return False
     return backbone is None or path.startswith(rewriting.BACKBONE_PATH + "/")
 

@@ -2,8 +2,10 @@
 
 import dataclasses
 import logging
+import re
 
 import keras
+from keras.src.utils.naming import to_snake_case
 
 from keras_adapters import registry
 from keras_adapters.layers import AdaptedSublayer
@@ -138,12 +140,12 @@ def add_adapters(
             "name, or call `keras_adapters.remove_adapters(model, "
             f"'{name}')` first."
         )
-    _check_placements_exist(blocks, placements)
     _check_hidden_sizes(blocks, template)
+    _prepare_blocks(blocks)
+    targets = _insertion_targets(blocks, placements)
 
-    for block_path, block in blocks:
-        for placement_name in placements:
-            _insert_adapter(block, placement_name, name, template)
+    for block_path, block, placement_name in targets:
+        _insert_adapter(block, placement_name, name, template)
 
     state = _get_state(model) or _AdapterState()
     state.train_adapters = train_adapters
@@ -159,7 +161,13 @@ def add_adapters(
     reset_compiled_functions(model)
 
     counts = count_parameters(model)
-    logger.info("Added adapters '%s' to %d blocks; %s", name, len(blocks), counts)
+    logger.info(
+        "Added adapters '%s' at %d insertion points in %d blocks; %s",
+        name,
+        len(targets),
+        len(blocks),
+        counts,
+    )
     if print_summary:
         print(counts)
     return model
@@ -322,7 +330,8 @@ def named_layers(model):
             if isinstance(child, Backbone):
                 path = BACKBONE_PATH
             else:
-                path = f"{prefix}/{child.name}" if prefix else child.name
+                name = _stable_name(layer, child)
+                path = f"{prefix}/{name}" if prefix else name
             yield path, child
             yield from visit(child, path)
 
@@ -333,11 +342,32 @@ def named_layers(model):
         yield from visit(model, "")
 
 
+def _stable_name(parent, child):
+    """Return a name for `child` that is the same in every build of `parent`.
+
+    Keras numbers the names it makes up, such as "t5_layer_norm_74", by how
+    many layers of that class were created before, so they differ between
+    two builds of one model. A child with such a name is named by the
+    attribute of `parent` that holds it, where there is one.
+    """
+    automatic = re.fullmatch(
+        rf"{re.escape(to_snake_case(type(child).__name__))}(_\d+)?", child.name
+    )
+    if not automatic:
+        return child.name
+    for attribute, value in vars(parent).items():
+        if value is child and not attribute.startswith("__"):
+            return attribute.lstrip("_")
+    return child.name
+
+
 def update_trainable(model):
     """Set which weights of `model` train, from its recorded settings.
 
     Active adapters train when `train_adapters` was set, layer norms inside
-    the backbone when `train_layer_norms` was set, and the head and pooler
+    the backbone (layers of the classes that
+    `keras_adapters.register_layer_norm` lists) when `train_layer_norms` was
+    set, and the head and pooler
     when `train_head` was set. Every other weight is frozen.
     """
     state = _get_state(model) or _AdapterState()
@@ -368,7 +398,7 @@ def weight_groups(model):
             for adapter in _active_adapters(layer):
                 for variable in adapter.weights:
                     groups[id(variable)] = "adapters"
-        elif isinstance(layer, keras.layers.LayerNormalization):
+        elif registry.is_layer_norm(layer):
             if path.startswith(BACKBONE_PATH + "/") or backbone is None:
                 for variable in layer.weights:
                     groups.setdefault(id(variable), "layer_norms")
@@ -479,19 +509,27 @@ def _replace_sublayer(block, attribute, new_layer):
 
 
 def _wrappers_of(block):
-    points = registry.get_insertion_points(type(block))
     for placement_name in registry.PLACEMENTS:
-        attribute = points.attribute(placement_name)
+        attribute = _attribute_of(block, placement_name)
         if attribute is None:
             continue
-        layer = getattr(block, attribute, None)
+        layer = getattr(block, attribute)
         if isinstance(layer, AdaptedSublayer):
             yield placement_name, layer
 
 
 def _attribute_of(block, placement_name):
     points = registry.get_insertion_points(type(block))
-    return points.attribute(placement_name)
+    return points.attribute(block, placement_name)
+
+
+def _prepare_blocks(blocks):
+    prepared = set()
+    for block_path, block in blocks:
+        points = registry.get_insertion_points(type(block))
+        if points.prepare is not None and id(block) not in prepared:
+            points.prepare(block)
+            prepared.add(id(block))
 
 
 def _hidden_size(block):
@@ -515,17 +553,39 @@ def _check_name(name):
         )
 
 
-def _check_placements_exist(blocks, placements):
-    for block_path, block in blocks:
-        for placement_name in placements:
-            attribute = _attribute_of(block, placement_name)
-            if attribute is None or getattr(block, attribute, None) is None:
+def _insertion_targets(blocks, placements):
+    """Return `[(path, block, placement)]` for every adapter to insert.
+
+    Every block must have the "attention" and "feedforward" placements it is
+    asked for. "cross_attention" goes into the blocks that have it, such as
+    the decoder blocks of an encoder-decoder model, and at least one must.
+    """
+    targets = []
+    for placement_name in placements:
+        found = 0
+        for block_path, block in blocks:
+            if _attribute_of(block, placement_name) is not None:
+                targets.append((block_path, block, placement_name))
+                found += 1
+            elif placement_name != "cross_attention":
                 raise ValueError(
                     f"Block '{block_path}' ({type(block).__name__}) has no "
                     f"'{placement_name}' insertion point. Choose placements "
                     "that every block has, or register the sublayer with "
                     "`keras_adapters.register_block`."
                 )
+        if not found:
+            raise ValueError(
+                f"No block of {sorted({type(b).__name__ for _, b in blocks})} "
+                f"has a '{placement_name}' insertion point. Cross-attention "
+                "exists only in the decoder blocks of encoder-decoder models "
+                "such as BART and T5."
+            )
+
+    # Insert block by block, in the order the blocks appear in the model.
+    block_order = {id(block): index for index, (_, block) in enumerate(blocks)}
+    targets.sort(key=lambda target: block_order[id(target[1])])
+    return targets
 
 
 def _check_hidden_sizes(blocks, template):
