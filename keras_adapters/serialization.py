@@ -21,12 +21,8 @@ backbones do not serialize their blocks at all. It leaves keras-hub's
 classes untouched, and `isinstance` checks against them still hold.
 """
 
-import logging
-
 import keras
 from keras.src.saving import object_registration
-
-logger = logging.getLogger(__name__)
 
 PACKAGE = "keras_adapters"
 REGISTERED_NAME = f"{PACKAGE}>AdaptedModel"
