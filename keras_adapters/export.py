@@ -50,8 +50,8 @@ def export_saved_model(model, path, preprocessor=None):
         return path
 
     if not preprocessor.built:
-        # ExportArchive tracks only built layers. One call builds the
-        # tokenizer's lookup tables and the packer.
+        # ExportArchive rejects layers that are not built, and one call on a
+        # string builds the preprocessor.
         preprocessor(tf.constant([""]))
 
     def serve(texts):

@@ -91,6 +91,12 @@ def add_adapters(
     Compile the model after this call, so that the optimizer sees the new
     trainable weights.
 
+    The model's class is replaced by a subclass of the same name that saves
+    the adapter settings in its config, so that `model.save` and
+    `keras.models.load_model` keep the adapters. `isinstance` checks against
+    the keras-hub class still hold, but `type(model) is BertTextClassifier`
+    does not until the last adapters are removed.
+
     Args:
         model: a keras-hub backbone, or a task model that holds one, such as
             `keras_hub.models.BertTextClassifier`.
@@ -519,8 +525,8 @@ def reset_compiled_functions(model):
 def _get_state(model):
     state = getattr(model, _STATE_ATTRIBUTE, None)
     if state is None:
-        # Adapters added to a backbone that a task model was built around
-        # later are recorded on the backbone.
+        # When adapters were added to the backbone before a task model was
+        # built around it, their state is on the backbone.
         backbone = find_backbone(model)
         if backbone is not None and backbone is not model:
             state = getattr(backbone, _STATE_ATTRIBUTE, None)

@@ -1,8 +1,11 @@
 """SavedModel export of adapted models, reloaded two ways."""
 
 import keras
+import keras_hub
 import numpy as np
 import tensorflow as tf
+from conftest import VOCABULARY_SIZE
+from conftest import SEQUENCE_LENGTH
 from conftest import make_classifier
 from conftest import make_inputs
 from conftest import model_outputs
@@ -70,3 +73,29 @@ def test_export_fixes_active_adapters(tmp_path):
     received = reloaded.serve(_serving_inputs(inputs)).numpy()
     np.testing.assert_allclose(received, exported, atol=EXPORT_TOLERANCE, rtol=0)
     assert np.abs(received - model_outputs(model, inputs)).max() > 1e-3
+
+
+def _tiny_preprocessor():
+    special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    words = [f"word{index}" for index in range(VOCABULARY_SIZE - len(special))]
+    tokenizer = keras_hub.models.BertTokenizer(vocabulary=special + words)
+    return keras_hub.models.BertTextClassifierPreprocessor(
+        tokenizer, sequence_length=SEQUENCE_LENGTH
+    )
+
+
+def test_export_with_preprocessor_takes_strings(tmp_path):
+    model = _adapted_classifier()
+    preprocessor = _tiny_preprocessor()
+    texts = tf.constant(["word1 word2 word3", "word7 unknown", "word40"])
+    expected = keras.ops.convert_to_numpy(model(preprocessor(texts), training=False))
+    path = keras_adapters.export_saved_model(
+        model, tmp_path / "exported", preprocessor=preprocessor
+    )
+    reloaded = tf.saved_model.load(path)
+    layer = keras.layers.TFSMLayer(path, call_endpoint="serve")
+
+    received = reloaded.serve(texts).numpy()
+    np.testing.assert_allclose(received, expected, atol=EXPORT_TOLERANCE, rtol=0)
+    received = keras.ops.convert_to_numpy(layer(texts))
+    np.testing.assert_allclose(received, expected, atol=EXPORT_TOLERANCE, rtol=0)
