@@ -161,7 +161,7 @@ def _task_batches(name, data_dir, preprocessor, steps, batch_size=16):
 
 
 def _train_adapter(model, name, batches):
-    """Train the adapters called `name` and the head; return the loss before and after."""
+    """Train the adapters called `name` and the head, and return the loss before and after."""
     keras_adapters.set_active_adapters(model, name)
     model.compile(
         optimizer=keras.optimizers.Adam(1e-3),
@@ -182,10 +182,10 @@ def _train_adapter(model, name, batches):
 
 
 def test_two_tasks_switch_and_reload(data_dir, tmp_path):
-    # Two adapters on one MiniLM, one per real task. Both tasks have two
-    # classes and share the model's head, so each adapter file also stores
-    # the head trained with it, and switching tasks means activating the
-    # adapters and loading their file, which puts their head back.
+    # Two adapters on one MiniLM, one per real task. Both tasks share the
+    # model's two-class head, so each adapter file also stores the head
+    # trained with it. Switching tasks activates the adapters and loads
+    # their file, which puts their head back.
     preprocessor = keras_hub.models.BertTextClassifierPreprocessor.from_preset(
         PRESET, sequence_length=32
     )
@@ -236,7 +236,8 @@ def test_two_tasks_switch_and_reload(data_dir, tmp_path):
             fresh.predict(held_out[0], verbose=0), predictions[name], atol=1e-5
         )
 
-    # An adapter file without the head: only the float32 adapter weights.
+    # An adapter file without the head contains only the float32 adapter
+    # weights.
     keras_adapters.set_active_adapters(model, "movies")
     lean = _classifier()
     keras_adapters.add_adapters(
