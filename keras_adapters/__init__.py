@@ -2,6 +2,7 @@
 
 from keras_adapters.layers import AdaptedSublayer
 from keras_adapters.layers import AdapterLayer
+from keras_adapters.export import export_saved_model
 from keras_adapters.persistence import load_adapters
 from keras_adapters.persistence import read_adapter_config
 from keras_adapters.persistence import save_adapters

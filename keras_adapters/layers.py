@@ -263,7 +263,11 @@ class AdaptedSublayer(keras.layers.Layer):
         self.built = True
 
     def add_adapter(self, name, adapter, input_shape):
-        """Build `adapter` for `input_shape` and add it under `name`."""
+        """Build `adapter` for `input_shape` and add it under `name`.
+
+        The new adapter is active: when only some adapters were chosen to
+        run, it runs after them.
+        """
         if name in self.adapters:
             raise ValueError(
                 f"Layer '{self.name}' already has an adapter named '{name}'."
@@ -271,6 +275,8 @@ class AdaptedSublayer(keras.layers.Layer):
         adapter.build(input_shape)
         with unlocked_state(self):
             self.adapters[name] = adapter
+        if self.active_adapters is not None:
+            self.active_adapters.append(name)
 
     def remove_adapter(self, name):
         """Remove the adapter called `name` and return it."""

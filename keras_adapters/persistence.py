@@ -17,6 +17,7 @@ import numpy as np
 
 from keras_adapters import registry
 from keras_adapters import rewriting
+from keras_adapters import serialization
 from keras_adapters.version import __version__
 
 FORMAT_VERSION = 1
@@ -26,8 +27,11 @@ ADAPTERS_GROUP = "adapters"
 LAYER_NORMS_GROUP = "layer_norms"
 HEAD_GROUP = "head"
 
+# The first bytes of every HDF5 file, such as Keras `.weights.h5` files.
+HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 
-def save_adapters(model, path, name=None):
+
+def save_adapters(model, path, name=None, preset=None):
     """Save the adapters called `name`, and what else trained, to `path`.
 
     The file contains the adapters' weights and, when they were trained, the
@@ -42,6 +46,10 @@ def save_adapters(model, path, name=None):
             `.safetensors`.
         name: string or `None`. Adapters to save. May be left out when the
             model has one set of adapters.
+        preset: string or `None`. The keras-hub preset the base model was
+            loaded from, recorded in the file's config for readers. keras-hub
+            0.32 does not record on a model which preset built it, so it
+            cannot be found out here. `load_adapters` does not check it.
 
     Returns:
         The path written, as a string.
@@ -57,7 +65,7 @@ def save_adapters(model, path, name=None):
         tensors[key] = np.ascontiguousarray(
             keras.ops.convert_to_numpy(variable).astype(np.float32)
         )
-    config = _file_config(model, name, state)
+    config = _file_config(model, name, state, preset)
     metadata = {METADATA_KEY: json.dumps(config, sort_keys=True)}
 
     directory = os.path.dirname(os.path.abspath(path))
@@ -173,7 +181,7 @@ def _is_backbone_layer_norm(path, layer, backbone):
     return backbone is None or path.startswith(rewriting.BACKBONE_PATH + "/")
 
 
-def _file_config(model, name, state):
+def _file_config(model, name, state, preset):
     settings = state.settings.get(name)
     if settings is None:
         raise ValueError(
@@ -192,7 +200,7 @@ def _file_config(model, name, state):
             "layer_norms": state.train_layer_norms,
             "head": state.train_head,
         },
-        "base_model": base_model_identity(model),
+        "base_model": {**base_model_identity(model), "preset": preset},
     }
 
 
@@ -201,12 +209,16 @@ def base_model_identity(model):
     blocks = rewriting.find_blocks(model)
     backbone = rewriting.find_backbone(model)
     return {
-        "backbone_class": type(backbone).__name__ if backbone else None,
-        "task_class": type(model).__name__ if backbone is not model else None,
+        "backbone_class": _class_name(backbone) if backbone else None,
+        "task_class": _class_name(model) if backbone is not model else None,
         "block_class": type(blocks[0][1]).__name__,
         "hidden_size": rewriting._hidden_size(blocks[0][1]),
         "num_blocks": len(blocks),
     }
+
+
+def _class_name(model):
+    return serialization.base_class(type(model)).__name__
 
 
 def _check_base_model(model, config, path):
@@ -252,6 +264,15 @@ def _open(path, read_tensors):
     path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"Adapter file not found: {path!r}")
+    with open(path, "rb") as file:
+        signature = file.read(len(HDF5_SIGNATURE))
+    if signature == HDF5_SIGNATURE:
+        raise ValueError(
+            f"Cannot read {path!r} as an adapter file: it is an HDF5 file, "
+            "not a valid safetensors file. Keras `.weights.h5` files load "
+            "with `model.load_weights`, and keras-hub `.lora.h5` files with "
+            "`backbone.load_lora_weights`."
+        )
 
     try:
         with safe_open(path, framework="np") as file:

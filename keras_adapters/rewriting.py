@@ -8,6 +8,7 @@ import keras
 from keras.src.utils.naming import to_snake_case
 
 from keras_adapters import registry
+from keras_adapters import serialization
 from keras_adapters.layers import AdaptedSublayer
 from keras_adapters.layers import AdapterLayer
 from keras_adapters.layers import unlocked_state
@@ -34,6 +35,9 @@ class _AdapterState:
     train_layer_norms: bool = True
     train_head: bool = True
     settings: dict = dataclasses.field(default_factory=dict)
+    # `trainable` of each weight in `model.weights` before the first
+    # adapters were added, restored when the last adapters are removed.
+    base_trainable: list = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,6 +93,12 @@ def add_adapters(
     Compile the model after this call, so that the optimizer tracks the new
     trainable weights.
 
+    The model's class is replaced by a subclass of the same name that saves
+    the adapter settings in its config, so that `model.save` and
+    `keras.models.load_model` keep the adapters. `isinstance` checks against
+    the keras-hub class still hold, but `type(model) is BertTextClassifier`
+    does not until the last adapters are removed.
+
     Args:
         model: a keras-hub backbone, or a task model that contains one, such as
             `keras_hub.models.BertTextClassifier`.
@@ -141,6 +151,7 @@ def add_adapters(
             f"'{name}')` first."
         )
     _check_hidden_sizes(blocks, template)
+    base_trainable = [variable.trainable for variable in model.weights]
     _prepare_blocks(blocks)
     targets = _insertion_targets(blocks, placements)
 
@@ -148,6 +159,8 @@ def add_adapters(
         _insert_adapter(block, placement_name, name, template)
 
     state = _get_state(model) or _AdapterState()
+    if state.base_trainable is None:
+        state.base_trainable = base_trainable
     state.train_adapters = train_adapters
     state.train_layer_norms = train_layer_norms
     state.train_head = train_head
@@ -156,6 +169,7 @@ def add_adapters(
         "adapter": adapter_settings(template),
     }
     object.__setattr__(model, _STATE_ATTRIBUTE, state)
+    serialization.mark_adapted(model)
 
     update_trainable(model)
     reset_compiled_functions(model)
@@ -184,8 +198,11 @@ def adapter_settings(adapter):
 def remove_adapters(model, name):
     """Remove the adapters called `name` from `model`.
 
-    A sublayer left with no adapters is put back in its block, so a model
-    whose adapters are all removed runs exactly as before `add_adapters`.
+    A sublayer left with no adapters is put back in its block. When the last
+    adapters are removed, each weight's `trainable` flag is set back to its
+    value before the first `add_adapters` call, so the model runs and trains
+    exactly as before `add_adapters`. Otherwise the remaining active adapters
+    keep training as before.
     """
     if name not in adapter_names(model):
         raise ValueError(
@@ -204,8 +221,82 @@ def remove_adapters(model, name):
     state = _get_state(model)
     if state is not None:
         state.settings.pop(name, None)
-    update_trainable(model)
+    if adapter_names(model):
+        update_trainable(model)
+    else:
+        _restore_base_model(model, state)
     reset_compiled_functions(model)
+
+
+def _restore_base_model(model, state):
+    base_trainable = state.base_trainable if state is not None else None
+    if base_trainable is not None and len(base_trainable) == len(model.weights):
+        for variable, trainable in zip(model.weights, base_trainable):
+            variable.trainable = trainable
+    # Adapters may have been added to the backbone before its task model
+    # was built, so both can hold the state and the adapted class.
+    for owner in (model, find_backbone(model)):
+        if owner is None:
+            continue
+        if _STATE_ATTRIBUTE in owner.__dict__:
+            object.__delattr__(owner, _STATE_ATTRIBUTE)
+        serialization.unmark_adapted(owner)
+
+
+def adapters_config(model):
+    """Return the JSON-serializable settings that `restore_adapters` replays.
+
+    The settings list every set of adapters in the order it was added, with
+    its placements and `AdapterLayer` settings, which adapters are active,
+    which weight groups train, and each weight's `trainable` flag before the
+    first adapters were added.
+    """
+    state = _get_state(model) or _AdapterState()
+    wrappers = [
+        wrapper
+        for block_path, block in find_blocks(model)
+        for placement_name, wrapper in _wrappers_of(block)
+    ]
+    all_active = all(wrapper.active_adapters is None for wrapper in wrappers)
+    return {
+        "adapters": [
+            {"name": name, **state.settings[name]}
+            for name in adapter_names(model)
+            if name in state.settings
+        ],
+        "active_adapters": None if all_active else active_adapters(model),
+        "train_adapters": state.train_adapters,
+        "train_layer_norms": state.train_layer_norms,
+        "train_head": state.train_head,
+        "base_trainable": state.base_trainable,
+    }
+
+
+def restore_adapters(model, config):
+    """Add the adapters described by `adapters_config` to a base model.
+
+    Adapters already present are kept, as happens when a task model's
+    backbone was itself restored with them.
+    """
+    for settings in config["adapters"]:
+        if settings["name"] in adapter_names(model):
+            continue
+        add_adapters(
+            model,
+            name=settings["name"],
+            placement=settings["placements"],
+            train_adapters=config["train_adapters"],
+            train_layer_norms=config["train_layer_norms"],
+            train_head=config["train_head"],
+            **settings["adapter"],
+        )
+    if config["active_adapters"] is not None:
+        set_active_adapters(model, config["active_adapters"])
+
+    state = _get_state(model)
+    if state is not None and config.get("base_trainable") is not None:
+        state.base_trainable = list(config["base_trainable"])
+    update_trainable(model)
 
 
 def set_active_adapters(model, names):
@@ -462,7 +553,14 @@ def reset_compiled_functions(model):
 
 
 def _get_state(model):
-    return getattr(model, _STATE_ATTRIBUTE, None)
+    state = getattr(model, _STATE_ATTRIBUTE, None)
+    if state is None:
+        # When adapters were added to the backbone before a task model was
+        # built around it, their state is on the backbone.
+        backbone = find_backbone(model)
+        if backbone is not None and backbone is not model:
+            state = getattr(backbone, _STATE_ATTRIBUTE, None)
+    return state
 
 
 def _active_adapter_names(wrapper):

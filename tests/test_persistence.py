@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import keras
+import keras_hub
 import numpy as np
 import pytest
 from conftest import fit_briefly
@@ -126,7 +127,20 @@ def test_config_records_settings(tmp_path):
         "block_class": "TransformerEncoder",
         "hidden_size": 16,
         "num_blocks": 2,
+        "preset": None,
     }
+
+
+def test_config_records_preset(tmp_path):
+    model = make_classifier("bert")
+    keras_adapters.add_adapters(model, bottleneck_size=BOTTLENECK_SIZE)
+    path = keras_adapters.save_adapters(
+        model, tmp_path / "a.safetensors", preset="bert_tiny_en_uncased"
+    )
+    config = keras_adapters.read_adapter_config(path)
+
+    assert config["base_model"]["preset"] == "bert_tiny_en_uncased"
+    assert config["keras_adapters_version"] == keras_adapters.__version__
 
 
 def test_load_rebuilds_settings(tmp_path):
@@ -212,7 +226,7 @@ def test_keras_weights_file_rejected(tmp_path):
     path = str(tmp_path / "model.weights.h5")
     model.save_weights(path)
 
-    with pytest.raises(ValueError, match="not a valid safetensors file"):
+    with pytest.raises(ValueError, match="HDF5 file.*model.load_weights"):
         keras_adapters.load_adapters(model, path)
 
 
@@ -321,3 +335,112 @@ def test_killed_save_keeps_previous_file(tmp_path):
     assert open(path, "rb").read() == good
     config = keras_adapters.read_adapter_config(path)
     assert config["adapter_name"] == "adapter"
+
+
+def _bert_classifier(**overrides):
+    """Return a tiny BERT classifier with some backbone arguments changed."""
+    arguments = dict(
+        vocabulary_size=64,
+        num_layers=2,
+        num_heads=2,
+        hidden_dim=16,
+        intermediate_dim=32,
+        max_sequence_length=8,
+    )
+    arguments.update(overrides)
+    keras.utils.set_random_seed(0)
+    backbone = keras_hub.models.BertBackbone(**arguments)
+    return keras_hub.models.BertTextClassifier(
+        backbone=backbone, num_classes=2, preprocessor=None
+    )
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"hidden_dim": 8}, "hidden_size=16, but .* has hidden_size=8"),
+        ({"num_layers": 3}, "num_blocks=2, but .* has num_blocks=3"),
+    ],
+)
+def test_other_size_rejected(overrides, message, tmp_path):
+    model = make_classifier("bert")
+    keras_adapters.add_adapters(model, name="task", bottleneck_size=BOTTLENECK_SIZE)
+    path = keras_adapters.save_adapters(model, tmp_path / "task.safetensors")
+    target = _bert_classifier(**overrides)
+    values = _values(target)
+
+    with pytest.raises(ValueError, match=message):
+        keras_adapters.load_adapters(target, path)
+    assert keras_adapters.adapter_names(target) == []
+    _assert_unchanged(target, values)
+
+
+def test_other_placement_rejected(tmp_path):
+    model = make_classifier("bert")
+    keras_adapters.add_adapters(model, name="task", bottleneck_size=BOTTLENECK_SIZE)
+    path = keras_adapters.save_adapters(model, tmp_path / "task.safetensors")
+    target = make_classifier("bert", seed=1)
+    keras_adapters.add_adapters(
+        target, name="task", placement="pfeiffer", bottleneck_size=BOTTLENECK_SIZE
+    )
+    values = _values(target)
+
+    with pytest.raises(
+        ValueError, match="not in the model: adapters/backbone/transformer_layer_0/attention"
+    ):
+        keras_adapters.load_adapters(target, path)
+    _assert_unchanged(target, values)
+
+
+def test_corrupted_header_rejected(tmp_path):
+    model = make_classifier("bert")
+    keras_adapters.add_adapters(model, bottleneck_size=BOTTLENECK_SIZE)
+    path = keras_adapters.save_adapters(model, tmp_path / "a.safetensors")
+    data = bytearray(open(path, "rb").read())
+    # Bytes 8 onwards are the JSON header that locates every tensor.
+    data[8:40] = b"\xff" * 32
+    corrupted = tmp_path / "corrupted.safetensors"
+    corrupted.write_bytes(bytes(data))
+    target = make_classifier("bert")
+    values = _values(target)
+
+    with pytest.raises(ValueError, match="truncated or corrupted"):
+        keras_adapters.load_adapters(target, corrupted)
+    assert keras_adapters.adapter_names(target) == []
+    _assert_unchanged(target, values)
+
+
+def test_keras_hub_lora_file_rejected(tmp_path):
+    lora_model = make_classifier("bert")
+    lora_model.backbone.enable_lora(rank=2)
+    path = str(tmp_path / "task.lora.h5")
+    lora_model.backbone.save_lora_weights(path)
+    model = make_classifier("bert")
+    values = _values(model)
+
+    with pytest.raises(ValueError, match="HDF5 file.*load_lora_weights"):
+        keras_adapters.load_adapters(model, path)
+    assert keras_adapters.adapter_names(model) == []
+    _assert_unchanged(model, values)
+
+
+def test_load_under_taken_name_with_other_shape(tmp_path):
+    trained = _trained_classifier(name="task")
+    path = keras_adapters.save_adapters(trained, tmp_path / "task.safetensors")
+    model = make_classifier("bert")
+    keras_adapters.add_adapters(model, name="other", bottleneck_size=2)
+    values = _values(model)
+
+    with pytest.raises(ValueError, match="shape mismatch"):
+        keras_adapters.load_adapters(model, path, name="other")
+    assert keras_adapters.adapter_names(model) == ["other"]
+    _assert_unchanged(model, values)
+
+
+def test_unknown_name_rejected(tmp_path):
+    model = make_classifier("bert")
+    keras_adapters.add_adapters(model, name="task", bottleneck_size=BOTTLENECK_SIZE)
+
+    with pytest.raises(ValueError, match=r"no adapters named 'other'.*\['task'\]"):
+        keras_adapters.save_adapters(model, tmp_path / "x.safetensors", name="other")
+    assert not os.path.exists(tmp_path / "x.safetensors")

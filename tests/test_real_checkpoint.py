@@ -140,3 +140,125 @@ def test_example_runs_end_to_end(data_dir, tmp_path):
     assert summary["trainable_params"] < 0.05 * summary["total_params"]
     assert os.path.exists(summary["adapter_file"])
     assert summary["reload_max_difference"] <= 1e-5
+
+
+def _task_batches(name, data_dir, preprocessor, steps, batch_size=16):
+    """Return tokenized training batches and one held-out batch of task `name`."""
+    train = tfds.load(name, split="train", data_dir=data_dir)
+    test = tfds.load(name, split="test", data_dir=data_dir)
+
+    def tokenize(examples):
+        features = preprocessor(examples["sentence"])
+        features = {key: np.asarray(value) for key, value in features.items()}
+        return features, examples["label"].numpy()
+
+    batches = [
+        tokenize(examples)
+        for examples in train.shuffle(4096, seed=0).batch(batch_size).take(steps)
+    ]
+    held_out = tokenize(next(iter(test.batch(32))))
+    return batches, held_out
+
+
+def _train_adapter(model, name, batches):
+    """Train the adapters called `name` and the head, and return the loss before and after."""
+    keras_adapters.set_active_adapters(model, name)
+    model.compile(
+        optimizer=keras.optimizers.Adam(1e-3),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    features = {
+        key: np.concatenate([batch[0][key] for batch in batches])
+        for key in batches[0][0]
+    }
+    labels = np.concatenate([batch[1] for batch in batches])
+    # The loss is measured on the first 64 training examples only, to save
+    # time.
+    first = {key: value[:64] for key, value in features.items()}
+    loss_before = model.evaluate(first, labels[:64], verbose=0, return_dict=True)["loss"]
+    model.fit(features, labels, batch_size=16, epochs=1, shuffle=False, verbose=0)
+    loss_after = model.evaluate(first, labels[:64], verbose=0, return_dict=True)["loss"]
+    return loss_before, loss_after
+
+
+def test_two_tasks_switch_and_reload(data_dir, tmp_path):
+    # Two adapters on one MiniLM, one per real task. Both tasks share the
+    # model's two-class head, so each adapter file also stores the head
+    # trained with it. Switching tasks activates the adapters and loads
+    # their file, which puts their head back.
+    preprocessor = keras_hub.models.BertTextClassifierPreprocessor.from_preset(
+        PRESET, sequence_length=32
+    )
+    tasks = {
+        "movies": _task_batches("movie_review_polarity", data_dir, preprocessor, 16),
+        "spam": _task_batches("sms_spam", data_dir, preprocessor, 16),
+    }
+    model = _classifier()
+    for name in tasks:
+        keras_adapters.add_adapters(
+            model,
+            name=name,
+            bottleneck_size=BOTTLENECK_SIZE,
+            train_layer_norms=False,
+        )
+
+    predictions = {}
+    paths = {}
+    for name, (batches, held_out) in tasks.items():
+        loss_before, loss_after = _train_adapter(model, name, batches)
+        assert loss_after < 0.9 * loss_before, name
+        predictions[name] = model.predict(held_out[0], verbose=0)
+        paths[name] = keras_adapters.save_adapters(
+            model, tmp_path / f"{name}.safetensors", name=name
+        )
+    assert keras_adapters.active_adapters(model) == ["spam"]
+
+    # Switching back and forth in the trained model.
+    for name in ("movies", "spam", "movies"):
+        keras_adapters.set_active_adapters(model, name)
+        keras_adapters.load_adapters(model, paths[name])
+        held_out = tasks[name][1]
+        np.testing.assert_allclose(
+            model.predict(held_out[0], verbose=0), predictions[name], atol=1e-5
+        )
+
+    # The same switches in a fresh model, with the files loaded under new
+    # names.
+    fresh = _classifier()
+    for name in ("movies", "spam"):
+        keras_adapters.load_adapters(fresh, paths[name], name=f"loaded_{name}")
+    assert keras_adapters.adapter_names(fresh) == ["loaded_movies", "loaded_spam"]
+    for name in ("movies", "spam"):
+        keras_adapters.set_active_adapters(fresh, f"loaded_{name}")
+        keras_adapters.load_adapters(fresh, paths[name], name=f"loaded_{name}")
+        held_out = tasks[name][1]
+        np.testing.assert_allclose(
+            fresh.predict(held_out[0], verbose=0), predictions[name], atol=1e-5
+        )
+
+    # An adapter file without the head contains only the float32 adapter
+    # weights.
+    keras_adapters.set_active_adapters(model, "movies")
+    lean = _classifier()
+    keras_adapters.add_adapters(
+        lean,
+        bottleneck_size=BOTTLENECK_SIZE,
+        train_layer_norms=False,
+        train_head=False,
+    )
+    path = keras_adapters.save_adapters(lean, tmp_path / "lean.safetensors")
+    adapter_bytes = 4 * 2 * NUM_LAYERS * (
+        2 * HIDDEN_SIZE * BOTTLENECK_SIZE + HIDDEN_SIZE + BOTTLENECK_SIZE
+    )
+    assert os.path.getsize(path) <= 1.05 * adapter_bytes
+
+    # The whole model, both adapters in one .keras file.
+    keras_path = str(tmp_path / "two_tasks.keras")
+    model.save(keras_path)
+    loaded = keras.models.load_model(keras_path)
+    assert keras_adapters.adapter_names(loaded) == ["movies", "spam"]
+    assert keras_adapters.active_adapters(loaded) == ["movies"]
+    held_out = tasks["movies"][1]
+    np.testing.assert_allclose(
+        loaded.predict(held_out[0], verbose=0), predictions["movies"], atol=1e-5
+    )

@@ -1,4 +1,5 @@
 import keras
+import keras_hub
 import numpy as np
 import pytest
 from conftest import FAMILIES
@@ -381,3 +382,85 @@ def test_set_active_adapters():
 
     with pytest.raises(ValueError, match="Unknown adapter names"):
         keras_adapters.set_active_adapters(model, "third")
+
+
+def test_add_after_set_active_runs_new_adapters():
+    model = make_classifier("bert")
+    keras_adapters.add_adapters(model, name="first", bottleneck_size=BOTTLENECK_SIZE)
+    keras_adapters.add_adapters(model, name="second", bottleneck_size=BOTTLENECK_SIZE)
+    keras_adapters.set_active_adapters(model, "second")
+    keras_adapters.add_adapters(model, name="third", bottleneck_size=BOTTLENECK_SIZE)
+
+    assert keras_adapters.active_adapters(model) == ["second", "third"]
+    trainable = {weight.path for weight in model.trainable_weights}
+    assert "transformer_layer_0/attention/third/down_kernel" in trainable
+    assert "transformer_layer_0/attention/first/down_kernel" not in trainable
+
+
+def test_remove_one_keeps_other_training():
+    model = make_classifier("bert")
+    inputs = make_inputs("bert")
+    keras_adapters.add_adapters(model, name="first", bottleneck_size=BOTTLENECK_SIZE)
+    keras_adapters.add_adapters(
+        model,
+        name="second",
+        bottleneck_size=BOTTLENECK_SIZE,
+        up_bias_initializer=_LARGE_BIAS,
+    )
+    keras_adapters.set_active_adapters(model, "second")
+    second_only = model_outputs(model, inputs)
+    keras_adapters.remove_adapters(model, "first")
+
+    assert keras_adapters.adapter_names(model) == ["second"]
+    assert keras_adapters.active_adapters(model) == ["second"]
+    np.testing.assert_array_equal(model_outputs(model, inputs), second_only)
+    paths = {weight.path for weight in model.weights}
+    assert not any("/first/" in path for path in paths)
+    trainable = {weight.path for weight in model.trainable_weights}
+    assert "transformer_layer_0/attention/second/down_kernel" in trainable
+    assert "token_embedding/embeddings" not in trainable
+    state = keras_adapters.rewriting._get_state(model)
+    assert list(state.settings) == ["second"]
+
+
+def test_remove_active_adapter_leaves_none_active():
+    model = make_classifier("bert")
+    inputs = make_inputs("bert")
+    base = model_outputs(model, inputs)
+    keras_adapters.add_adapters(
+        model,
+        name="first",
+        bottleneck_size=BOTTLENECK_SIZE,
+        up_bias_initializer=_LARGE_BIAS,
+    )
+    keras_adapters.add_adapters(model, name="second", bottleneck_size=BOTTLENECK_SIZE)
+    keras_adapters.set_active_adapters(model, "second")
+    keras_adapters.remove_adapters(model, "second")
+
+    assert keras_adapters.adapter_names(model) == ["first"]
+    assert keras_adapters.active_adapters(model) == []
+    np.testing.assert_array_equal(model_outputs(model, inputs), base)
+    groups = keras_adapters.rewriting.weight_groups(model)
+    assert "adapters" not in {groups.get(id(w)) for w in model.trainable_weights}
+
+
+def test_remove_last_restores_trainable_flags():
+    model = make_classifier("bert")
+    model.get_layer("logits").trainable = False
+    before = [weight.trainable for weight in model.weights]
+    keras_adapters.add_adapters(model, name="first", bottleneck_size=BOTTLENECK_SIZE)
+    keras_adapters.add_adapters(model, name="second", bottleneck_size=BOTTLENECK_SIZE)
+    keras_adapters.remove_adapters(model, "second")
+    keras_adapters.remove_adapters(model, "first")
+
+    assert [weight.trainable for weight in model.weights] == before
+    assert keras_adapters.rewriting._get_state(model) is None
+    assert type(model) is keras_hub.models.BertTextClassifier
+
+
+def test_remove_unknown_name_raises():
+    model = make_classifier("bert")
+    keras_adapters.add_adapters(model, name="task", bottleneck_size=BOTTLENECK_SIZE)
+    with pytest.raises(ValueError, match=r"no adapters named 'other'.*\['task'\]"):
+        keras_adapters.remove_adapters(model, "other")
+    assert keras_adapters.adapter_names(model) == ["task"]
