@@ -149,3 +149,24 @@ def fit_briefly(model, inputs, epochs=3, learning_rate=5e-2):
         targets = np.arange(inputs["token_ids"].shape[0]) % 2
     model.compile(optimizer=keras.optimizers.Adam(learning_rate), loss=loss)
     model.fit(inputs, targets, epochs=epochs, verbose=0)
+
+
+def changed_weight_groups(model, before):
+    """Return the training groups whose weights differ from `before`.
+
+    `before` contains the values of `model.weights` in order. Every frozen
+    weight must be bit-identical to its old value, and the assert names the
+    first one that is not.
+    """
+    import keras_adapters
+
+    groups = keras_adapters.rewriting.weight_groups(model)
+    changed_groups = set()
+    for weight, old_value in zip(model.weights, before):
+        new_value = keras.ops.convert_to_numpy(weight)
+        if weight.trainable:
+            if not np.array_equal(new_value, old_value):
+                changed_groups.add(groups[id(weight)])
+        else:
+            assert np.array_equal(new_value, old_value), weight.path
+    return changed_groups

@@ -14,7 +14,6 @@ import keras
 import keras_hub
 import numpy as np
 import pytest
-import tensorflow as tf
 import tensorflow_datasets as tfds
 
 import keras_adapters
