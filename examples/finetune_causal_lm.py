@@ -9,10 +9,10 @@ downloaded or learned:
 
     python examples/finetune_causal_lm.py
 
-It reports validation perplexity before and after fine-tuning, generates a
-reply with the adapters on and off, saves the adapters to a small file and
-checks that a fresh copy of the base model reproduces the logits once it
-loads that file. The last line printed is one JSON object with the results.
+It reports validation perplexity before and after fine-tuning and generates
+a reply with the adapters on and off. It then saves the adapters to a small
+file and checks that a fresh copy of the base model, with that file loaded,
+reproduces the logits. The last line printed is one JSON object with the results.
 
 With network access, `--preset gpt2_base_en` loads the pretrained GPT-2
 checkpoint and its tokenizer in place of the tiny model, and skips the

@@ -35,9 +35,9 @@ class InsertionPoints:
     Each field is a tuple of attribute names of the block, last in call
     order first, or empty when the block has no such branch. The first
     candidate that the block has and that is not `None` is the insertion
-    point, so a branch whose last sublayer exists only under some settings,
-    such as a dropout created only when `dropout > 0`, falls back to the
-    sublayer before it. An adapter wraps that attribute's layer and acts on
+    point. So when a branch's last sublayer exists only under some settings,
+    such as a dropout created only when `dropout > 0`, the sublayer before it
+    is used. An adapter wraps that attribute's layer and acts on
     its output.
 
     Args:
@@ -94,9 +94,11 @@ def register_block(
     has and that is not `None` is used. Registering a class again replaces
     its entry.
 
-    The named sublayer must run exactly once per call of the block, on the
-    branch's output only. A sublayer that the block creates but never calls,
-    or calls on several branches, puts the adapter in the wrong place.
+    Nothing checks how the block calls the named sublayer. The adapter lands
+    in the Houlsby position only if the block calls that sublayer exactly
+    once per call, on the branch's output. A sublayer that the block creates
+    but never calls, or calls on several branches, puts the adapter in the
+    wrong place.
 
     Args:
         block_class: the block's class, such as

@@ -439,7 +439,7 @@ def _stable_name(parent, child):
     Keras numbers the names it makes up, such as "t5_layer_norm_74", by how
     many layers of that class were created before, so they differ between
     two builds of one model. A child with such a name is named by the
-    attribute of `parent` that holds it, where there is one.
+    attribute of `parent` that refers to it, where there is one.
     """
     automatic = re.fullmatch(
         rf"{re.escape(to_snake_case(type(child).__name__))}(_\d+)?", child.name

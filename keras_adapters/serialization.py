@@ -8,7 +8,7 @@ have nowhere to go.
 To fix this, `add_adapters` swaps the class of the model it changes for a
 subclass made here, with the same name and behaviour. That subclass is
 saved under the registered name `keras_adapters>AdaptedModel`, and its
-config holds two entries: the base class's own serialized config, and the
+config contains two entries: the base class's own serialized config, and the
 adapter settings. `AdaptedModel.from_config` first builds the base model
 from the first entry, then adds the adapters again with `add_adapters`,
 restores which adapters are active and which weights train, and returns the
