@@ -1,6 +1,7 @@
 """The bottleneck adapter layer."""
 
 import numbers
+import threading
 
 import keras
 
@@ -16,7 +17,7 @@ def default_projection_initializer():
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)
 class AdapterLayer(keras.layers.Layer):
-    """Bottleneck adapter: `h + W_up · σ(W_down · h)` over the last axis.
+    """Bottleneck adapter: `h + s · W_up · σ(W_down · h)` over the last axis.
 
     The down-projection maps the hidden size `d` to the bottleneck size `r`,
     the activation σ runs in the bottleneck, and the up-projection maps back
@@ -34,6 +35,15 @@ class AdapterLayer(keras.layers.Layer):
             bottleneck. Defaults to `"gelu"`, as in the released Houlsby code.
         residual: bool. Whether to add the input to the bottleneck output.
             Defaults to `True`.
+        scaling: float. The factor `s` on the bottleneck output. Defaults to
+            `1.0`.
+        layer_norm: `None`, `"before"` or `"after"`. Adds a layer norm on the
+            input before the down-projection, or on the up-projection's
+            output before the residual add. An `"after"` norm starts with a
+            zero scale, so that the layer still starts as the identity.
+            Defaults to `None`.
+        layer_norm_epsilon: float. Epsilon of that layer norm. Defaults to
+            `1e-5`, PyTorch's default.
         down_kernel_initializer, up_kernel_initializer: initializers of the
             projection kernels. Default to a truncated normal with standard
             deviation `1e-3`.
@@ -66,6 +76,9 @@ class AdapterLayer(keras.layers.Layer):
         reduction_factor=None,
         activation="gelu",
         residual=True,
+        scaling=1.0,
+        layer_norm=None,
+        layer_norm_epsilon=1e-5,
         down_kernel_initializer=None,
         down_bias_initializer="zeros",
         up_kernel_initializer=None,
@@ -81,6 +94,9 @@ class AdapterLayer(keras.layers.Layer):
         self.reduction_factor = reduction_factor
         self.activation = _get_activation(activation)
         self.residual = bool(residual)
+        self.scaling = _check_scaling(scaling)
+        self.layer_norm = _check_layer_norm(layer_norm)
+        self.layer_norm_epsilon = float(layer_norm_epsilon)
         self.down_kernel_initializer = keras.initializers.get(
             down_kernel_initializer or default_projection_initializer()
         )
@@ -123,6 +139,17 @@ class AdapterLayer(keras.layers.Layer):
             shape=(self.hidden_size,),
             initializer=self.up_bias_initializer,
         )
+        if self.layer_norm is not None:
+            self.layer_norm_gamma = self.add_weight(
+                name="layer_norm_gamma",
+                shape=(self.hidden_size,),
+                initializer="ones" if self.layer_norm == "before" else "zeros",
+            )
+            self.layer_norm_beta = self.add_weight(
+                name="layer_norm_beta",
+                shape=(self.hidden_size,),
+                initializer="zeros",
+            )
 
     def resolve_bottleneck_size(self, hidden_size):
         """Return the bottleneck size `r` for hidden size `d`, checking it."""
@@ -145,13 +172,36 @@ class AdapterLayer(keras.layers.Layer):
             )
         return units
 
-    def call(self, inputs):
-        hidden = keras.ops.matmul(inputs, self.down_kernel) + self.down_bias
-        hidden = self.activation(hidden)
-        outputs = keras.ops.matmul(hidden, self.up_kernel) + self.up_bias
-        if self.residual:
+    def call(self, inputs, add_residual=True):
+        outputs = self.bottleneck(inputs)
+        if self.residual and add_residual:
             outputs = outputs + inputs
         return outputs
+
+    def bottleneck(self, inputs):
+        """Return `s · W_up · σ(W_down · h)`, the output before the residual add."""
+        hidden = inputs
+        if self.layer_norm == "before":
+            hidden = self._normalize(hidden)
+        hidden = keras.ops.matmul(hidden, self.down_kernel) + self.down_bias
+        hidden = self.activation(hidden)
+        outputs = keras.ops.matmul(hidden, self.up_kernel) + self.up_bias
+        if self.layer_norm == "after":
+            outputs = self._normalize(outputs)
+        if self.scaling != 1.0:
+            outputs = outputs * keras.ops.cast(self.scaling, outputs.dtype)
+        return outputs
+
+    def _normalize(self, inputs):
+        # Statistics in float32, also under mixed precision.
+        values = keras.ops.cast(inputs, "float32")
+        mean = keras.ops.mean(values, axis=-1, keepdims=True)
+        variance = keras.ops.var(values, axis=-1, keepdims=True)
+        values = (values - mean) * keras.ops.rsqrt(
+            variance + self.layer_norm_epsilon
+        )
+        values = keras.ops.cast(values, inputs.dtype)
+        return values * self.layer_norm_gamma + self.layer_norm_beta
 
     def compute_output_shape(self, input_shape):
         return input_shape
@@ -164,6 +214,9 @@ class AdapterLayer(keras.layers.Layer):
                 "reduction_factor": self.reduction_factor,
                 "activation": keras.activations.serialize(self.activation),
                 "residual": self.residual,
+                "scaling": self.scaling,
+                "layer_norm": self.layer_norm,
+                "layer_norm_epsilon": self.layer_norm_epsilon,
                 "down_kernel_initializer": keras.initializers.serialize(
                     self.down_kernel_initializer
                 ),
@@ -205,6 +258,23 @@ def _check_sizes(bottleneck_size, reduction_factor):
             )
 
 
+def _check_scaling(scaling):
+    if isinstance(scaling, bool) or not isinstance(scaling, numbers.Real):
+        raise ValueError(
+            f"`scaling` must be a number. Received: scaling={scaling!r}"
+        )
+    return float(scaling)
+
+
+def _check_layer_norm(layer_norm):
+    if layer_norm not in (None, "before", "after"):
+        raise ValueError(
+            "`layer_norm` must be `None`, 'before' or 'after'. Received: "
+            f"layer_norm={layer_norm!r}"
+        )
+    return layer_norm
+
+
 def _get_activation(activation):
     try:
         return keras.activations.get(activation)
@@ -223,9 +293,12 @@ class AdaptedSublayer(keras.layers.Layer):
     `add_adapters` puts this wrapper in place of the last sublayer of a
     block's branch, such as the dropout after the attention output
     projection, so the adapters run before the block's residual add. The
-    active adapters run in order, each on the previous one's output. When the
-    sublayer returns a tuple, such as `(outputs, cache)`, the adapters act on
-    the first element and the other elements pass through unchanged.
+    active adapters run in order, each on the previous one's output. A
+    parallel adapter reads the branch's input, recorded by a
+    `BranchInputTap`, and adds its output to the running output. An active
+    fusion combines the outputs of its adapters. When the sublayer returns a
+    tuple, such as `(outputs, cache)`, the adapters act on the first element
+    and the other elements pass through unchanged.
 
     Args:
         sublayer: the wrapped `keras.layers.Layer`.
@@ -233,8 +306,12 @@ class AdaptedSublayer(keras.layers.Layer):
             `"attention"` or `"feedforward"`.
         adapters: dict mapping adapter names to `AdapterLayer`s. Defaults to
             no adapters.
-        active_adapters: list of adapter names to apply, in order. `None`
-            applies all of them in the order they were added.
+        active_adapters: list of adapter and fusion names to apply, in
+            order. `None` applies all adapters in the order they were added.
+        parallel_adapters: list of the names of adapters that read the
+            branch's input. Defaults to none.
+        fusions: dict mapping fusion names to `AdapterFusion` layers.
+            Defaults to no fusions.
         **kwargs: base layer arguments.
     """
 
@@ -244,6 +321,8 @@ class AdaptedSublayer(keras.layers.Layer):
         placement,
         adapters=None,
         active_adapters=None,
+        parallel_adapters=None,
+        fusions=None,
         **kwargs,
     ):
         kwargs.setdefault("dtype", sublayer.dtype_policy)
@@ -254,27 +333,37 @@ class AdaptedSublayer(keras.layers.Layer):
         self.active_adapters = (
             None if active_adapters is None else list(active_adapters)
         )
+        self.parallel_adapters = list(parallel_adapters or [])
+        self.fusions = dict(fusions or {})
         self.supports_masking = True
         self._sublayer_takes_training = _call_takes_training(sublayer)
+        # The `BranchInput` that parallel adapters read, set by
+        # `add_adapters` when it inserts the first one.
+        self.branch_input = None
 
     def build(self, *args, **kwargs):
         # The sublayer was built by its block, and adapters are built when
         # they are added, so there is nothing left to create here.
         self.built = True
 
-    def add_adapter(self, name, adapter, input_shape):
+    def add_adapter(self, name, adapter, input_shape, parallel=False):
         """Build `adapter` for `input_shape` and add it under `name`.
 
         The new adapter is active: when only some adapters were chosen to
-        run, it runs after them.
+        run, it runs after them. A `parallel` adapter reads the branch's
+        input, so `branch_input` must be set first.
         """
-        if name in self.adapters:
+        self._check_free(name)
+        if parallel and self.branch_input is None:
             raise ValueError(
-                f"Layer '{self.name}' already has an adapter named '{name}'."
+                f"Layer '{self.name}' has no recorded branch input, so it "
+                "cannot take a parallel adapter."
             )
         adapter.build(input_shape)
         with unlocked_state(self):
             self.adapters[name] = adapter
+        if parallel:
+            self.parallel_adapters.append(name)
         if self.active_adapters is not None:
             self.active_adapters.append(name)
 
@@ -284,9 +373,43 @@ class AdaptedSublayer(keras.layers.Layer):
         with unlocked_state(self):
             del self.adapters[name]
             self._tracker.untrack(adapter)
+        if name in self.parallel_adapters:
+            self.parallel_adapters.remove(name)
+        self._deactivate(name)
+        return adapter
+
+    def add_fusion(self, name, fusion, input_shape):
+        """Build `fusion` for `input_shape` and add it under `name`."""
+        self._check_free(name)
+        missing = [n for n in fusion.adapter_names if n not in self.adapters]
+        if missing:
+            raise ValueError(
+                f"Layer '{self.name}' has no adapters named {missing}, so it "
+                "cannot fuse them."
+            )
+        fusion.build(input_shape)
+        with unlocked_state(self):
+            self.fusions[name] = fusion
+
+    def remove_fusion(self, name):
+        """Remove the fusion called `name` and return it."""
+        fusion = self.fusions[name]
+        with unlocked_state(self):
+            del self.fusions[name]
+            self._tracker.untrack(fusion)
+        self._deactivate(name)
+        return fusion
+
+    def _check_free(self, name):
+        if name in self.adapters or name in self.fusions:
+            raise ValueError(
+                f"Layer '{self.name}' already has an adapter or fusion named "
+                f"'{name}'."
+            )
+
+    def _deactivate(self, name):
         if self.active_adapters is not None and name in self.active_adapters:
             self.active_adapters.remove(name)
-        return adapter
 
     def __call__(self, *args, **kwargs):
         # Keras's Layer.__call__ rejects a `**kwargs` argument that mixes
@@ -320,10 +443,30 @@ class AdaptedSublayer(keras.layers.Layer):
         else:
             hidden, rest = outputs, None
         for name in names:
-            hidden = self.adapters[name](hidden)
+            hidden = self._apply(name, hidden)
         if rest is None:
             return hidden
         return (hidden,) + rest
+
+    def _apply(self, name, hidden):
+        if name in self.fusions:
+            fusion = self.fusions[name]
+            adapter_outputs = []
+            for adapter_name in fusion.adapter_names:
+                inputs = self._adapter_input(adapter_name, hidden)
+                adapter = self.adapters[adapter_name]
+                adapter_outputs.append(adapter(inputs, add_residual=False))
+            return fusion(hidden, adapter_outputs)
+
+        adapter = self.adapters[name]
+        if name in self.parallel_adapters:
+            return hidden + adapter(self.branch_input.read(self.name))
+        return adapter(hidden)
+
+    def _adapter_input(self, name, hidden):
+        if name in self.parallel_adapters:
+            return self.branch_input.read(self.name)
+        return hidden
 
     def compute_output_spec(self, inputs, *args, **kwargs):
         return self.sublayer.compute_output_spec(inputs, *args, **kwargs)
@@ -339,6 +482,11 @@ class AdaptedSublayer(keras.layers.Layer):
                     for name, adapter in self.adapters.items()
                 },
                 "active_adapters": self.active_adapters,
+                "parallel_adapters": self.parallel_adapters,
+                "fusions": {
+                    name: keras.saving.serialize_keras_object(fusion)
+                    for name, fusion in self.fusions.items()
+                },
             }
         )
         return config
@@ -353,6 +501,182 @@ class AdaptedSublayer(keras.layers.Layer):
             name: keras.saving.deserialize_keras_object(adapter)
             for name, adapter in config.get("adapters", {}).items()
         }
+        config["fusions"] = {
+            name: keras.saving.deserialize_keras_object(fusion)
+            for name, fusion in config.get("fusions", {}).items()
+        }
+        return cls(**config)
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class AdapterFusion(keras.layers.Layer):
+    """Attention over the outputs of several adapters.
+
+    For the branch output `h` and the bottleneck outputs `o_1 … o_n` of the
+    fused adapters (each adapter's output before its residual add), the layer
+    computes
+
+    `h + Σ_i softmax_i((h W_q + b_q) · (o_i W_k + b_k) / T) · (o_i W_v + b_v)`.
+
+    `W_v` starts as the identity and the query and key kernels start small,
+    so at initialisation the layer adds the mean of the adapter outputs.
+    The fused adapters stay frozen, and only these weights train.
+
+    Args:
+        adapter_names: list of strings. Names of the fused adapters, at
+            least two.
+        temperature: float. The softmax temperature `T`. Defaults to `1.0`.
+        **kwargs: base layer arguments.
+
+    Input shape:
+        `h`: `(..., d)`; adapter outputs: a list of `n` tensors `(..., d)`.
+
+    Output shape:
+        `(..., d)`.
+
+    References:
+        - Pfeiffer et al., 2021. AdapterFusion: Non-Destructive Task
+          Composition for Transfer Learning. https://arxiv.org/abs/2005.00247
+    """
+
+    def __init__(self, adapter_names, temperature=1.0, **kwargs):
+        super().__init__(**kwargs)
+        adapter_names = list(adapter_names)
+        if len(adapter_names) < 2 or len(set(adapter_names)) != len(
+            adapter_names
+        ):
+            raise ValueError(
+                "`adapter_names` must list at least two distinct adapters. "
+                f"Received: adapter_names={adapter_names!r}"
+            )
+        if isinstance(temperature, bool) or not isinstance(
+            temperature, numbers.Real
+        ) or temperature <= 0:
+            raise ValueError(
+                "`temperature` must be a positive number. Received: "
+                f"temperature={temperature!r}"
+            )
+        self.adapter_names = adapter_names
+        self.temperature = float(temperature)
+
+    def build(self, input_shape):
+        hidden_size = int(input_shape[-1])
+        projection = keras.initializers.TruncatedNormal(stddev=0.02)
+        for role in ("query", "key", "value"):
+            initializer = "identity" if role == "value" else projection
+            kernel = self.add_weight(
+                name=f"{role}_kernel",
+                shape=(hidden_size, hidden_size),
+                initializer=initializer,
+            )
+            bias = self.add_weight(
+                name=f"{role}_bias", shape=(hidden_size,), initializer="zeros"
+            )
+            setattr(self, f"{role}_kernel", kernel)
+            setattr(self, f"{role}_bias", bias)
+
+    def call(self, inputs, adapter_outputs):
+        outputs = keras.ops.stack(adapter_outputs, axis=-2)
+        query = keras.ops.matmul(inputs, self.query_kernel) + self.query_bias
+        keys = keras.ops.matmul(outputs, self.key_kernel) + self.key_bias
+        values = keras.ops.matmul(outputs, self.value_kernel) + self.value_bias
+
+        scores = keras.ops.einsum("...d,...nd->...n", query, keys)
+        # Softmax in float32, also under mixed precision.
+        scores = keras.ops.cast(scores, "float32") / self.temperature
+        weights = keras.ops.cast(keras.ops.softmax(scores, axis=-1), inputs.dtype)
+        return inputs + keras.ops.einsum("...n,...nd->...d", weights, values)
+
+    def compute_output_shape(self, input_shape, adapter_outputs_shape=None):
+        return input_shape
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "adapter_names": list(self.adapter_names),
+                "temperature": self.temperature,
+            }
+        )
+        return config
+
+
+class BranchInput:
+    """The input of a block's feed-forward branch, recorded on each call.
+
+    A `BranchInputTap` records the tensor when the block calls the branch's
+    first sublayer, and the parallel adapters at the branch's end read it
+    later in the same block call. Each thread keeps its own value, because
+    `tf.distribute` may trace replicas in separate threads.
+    """
+
+    def __init__(self):
+        self._local = threading.local()
+
+    def record(self, value):
+        self._local.value = value
+
+    def read(self, reader_name):
+        value = getattr(self._local, "value", None)
+        if value is None:
+            raise RuntimeError(
+                f"Layer '{reader_name}' runs parallel adapters, but the block "
+                "did not call its feed-forward input sublayer first, so the "
+                "branch input is unknown. Check the block's "
+                "`feedforward_input` registration."
+            )
+        return value
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class BranchInputTap(keras.layers.Layer):
+    """A block's sublayer that records its input for parallel adapters.
+
+    `add_adapters` puts this wrapper in place of the first sublayer of the
+    feed-forward branch, such as BERT's intermediate dense layer. It calls
+    the sublayer unchanged.
+
+    Args:
+        sublayer: the wrapped `keras.layers.Layer`.
+        **kwargs: base layer arguments.
+    """
+
+    def __init__(self, sublayer, **kwargs):
+        kwargs.setdefault("dtype", sublayer.dtype_policy)
+        super().__init__(**kwargs)
+        self.sublayer = sublayer
+        self.branch_input = BranchInput()
+
+    def build(self, *args, **kwargs):
+        self.built = True
+
+    def __call__(self, *args, **kwargs):
+        # Called directly, like `AdaptedSublayer`, so that the wrapper adds
+        # nothing to the sublayer's own `__call__`.
+        self.built = True
+        return self.call(*args, **kwargs)
+
+    def call(self, inputs=None, *args, **kwargs):
+        if inputs is None:
+            self.branch_input.record(next(iter(kwargs.values())))
+            return self.sublayer(*args, **kwargs)
+        self.branch_input.record(inputs)
+        return self.sublayer(inputs, *args, **kwargs)
+
+    def compute_output_spec(self, inputs, *args, **kwargs):
+        return self.sublayer.compute_output_spec(inputs, *args, **kwargs)
+
+    def get_config(self):
+        config = super().get_config()
+        config["sublayer"] = keras.saving.serialize_keras_object(self.sublayer)
+        return config
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        config["sublayer"] = keras.saving.deserialize_keras_object(
+            config["sublayer"]
+        )
         return cls(**config)
 
 

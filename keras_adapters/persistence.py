@@ -15,6 +15,8 @@ import tempfile
 import keras
 import numpy as np
 
+from keras_adapters import composition
+from keras_adapters import configs
 from keras_adapters import registry
 from keras_adapters import rewriting
 from keras_adapters import serialization
@@ -44,8 +46,10 @@ def save_adapters(model, path, name=None, preset=None):
         model: a model adapted with `keras_adapters.add_adapters`.
         path: string or path-like. Destination, by convention ending in
             `.safetensors`.
-        name: string or `None`. Adapters to save. May be left out when the
-            model has one set of adapters.
+        name: string or `None`. Adapters or fusion to save. May be left out
+            when the model has one set of adapters. A fusion's file contains
+            the fusion weights only, and loads into a model that has the
+            fused adapters.
         preset: string or `None`. The keras-hub preset the base model was
             loaded from, recorded in the file's config for readers. keras-hub
             0.32 does not record on a model which preset built it, so it
@@ -61,7 +65,8 @@ def save_adapters(model, path, name=None, preset=None):
     state = rewriting._get_state(model) or rewriting._AdapterState()
 
     tensors = {}
-    for key, variable in _saved_variables(model, name, state).items():
+    is_fusion = name in state.fusions
+    for key, variable in _saved_variables(model, name, state, is_fusion).items():
         tensors[key] = np.ascontiguousarray(
             keras.ops.convert_to_numpy(variable).astype(np.float32)
         )
@@ -121,16 +126,28 @@ def load_adapters(model, path, name=None):
     config, tensors = _open(path, read_tensors=True)
     _check_base_model(model, config, path)
     name = name or config["adapter_name"]
+    is_fusion = config.get("kind", "adapters") == "fusion"
 
     added = False
-    if name not in rewriting.adapter_names(model):
+    if is_fusion:
+        if name not in rewriting.fusion_names(model):
+            _check_fused_adapters_present(model, config, path)
+            composition.add_fusion(
+                model,
+                config["fusion"]["adapter_names"],
+                name=name,
+                temperature=config["fusion"]["temperature"],
+            )
+            added = True
+    elif name not in rewriting.adapter_names(model):
+        adapter_config, layer_kwargs = configs.config_from_settings(config)
         rewriting.add_adapters(
             model,
             name=name,
-            placement=config["placements"],
+            config=adapter_config,
             train_layer_norms=config["trained"]["layer_norms"],
             train_head=config["trained"]["head"],
-            **config["adapter"],
+            **layer_kwargs,
         )
         added = True
 
@@ -139,10 +156,12 @@ def load_adapters(model, path, name=None):
             train_layer_norms=config["trained"]["layer_norms"],
             train_head=config["trained"]["head"],
         )
-        targets = _saved_variables(model, name, state)
+        targets = _saved_variables(model, name, state, is_fusion)
         _check_tensors(targets, tensors, path)
     except ValueError:
-        if added:
+        if added and is_fusion:
+            composition.remove_fusion(model, name)
+        elif added:
             rewriting.remove_adapters(model, name)
         raise
 
@@ -152,10 +171,25 @@ def load_adapters(model, path, name=None):
     return name
 
 
-def _saved_variables(model, name, state):
+def _check_fused_adapters_present(model, config, path):
+    fused = config["fusion"]["adapter_names"]
+    missing = [n for n in fused if n not in rewriting.adapter_names(model)]
+    if missing:
+        raise ValueError(
+            f"The fusion file {path!r} fuses the adapters {fused}, but the "
+            f"model has no adapters named {missing}. Load their adapter "
+            "files first, with `keras_adapters.load_adapters`."
+        )
+
+
+def _saved_variables(model, name, state, is_fusion=False):
     """Return `{key: variable}` for what `save_adapters` writes."""
     variables = {}
-    for key, adapter in rewriting.iter_adapters(model, name):
+    if is_fusion:
+        layers = composition.iter_fusions(model, name)
+    else:
+        layers = rewriting.iter_adapters(model, name)
+    for key, adapter in layers:
         for variable in adapter.weights:
             variables[f"{ADAPTERS_GROUP}/{key}/{variable.name}"] = variable
 
@@ -182,8 +216,11 @@ def _is_backbone_layer_norm(path, layer, backbone):
 
 
 def _file_config(model, name, state, preset):
-    settings = state.settings.get(name)
-    if settings is None:
+    if name in state.fusions:
+        entries = {"kind": "fusion", "fusion": state.fusions[name]}
+    elif name in state.settings:
+        entries = {"kind": "adapters", **state.settings[name]}
+    else:
         raise ValueError(
             f"The model has adapters named '{name}' but no record of their "
             "settings. Add adapters with `keras_adapters.add_adapters` "
@@ -193,8 +230,7 @@ def _file_config(model, name, state, preset):
         "format_version": FORMAT_VERSION,
         "keras_adapters_version": __version__,
         "adapter_name": name,
-        "adapter": settings["adapter"],
-        "placements": settings["placements"],
+        **entries,
         "trained": {
             "adapters": state.train_adapters,
             "layer_norms": state.train_layer_norms,
@@ -310,7 +346,7 @@ def _open(path, read_tensors):
 
 
 def _pick_name(model, name):
-    names = rewriting.adapter_names(model)
+    names = rewriting.adapter_names(model) + rewriting.fusion_names(model)
     if name is None:
         if len(names) != 1:
             raise ValueError(

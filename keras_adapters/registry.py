@@ -47,6 +47,8 @@ class InsertionPoints:
             branch.
         cross_attention: candidates for the sublayer that ends the
             cross-attention branch.
+        feedforward_input: candidates for the first sublayer of the
+            feed-forward branch, whose input parallel adapters read.
         prepare: callable or `None`. Called with the block before adapters
             are inserted, for blocks that need a sublayer created first, such
             as an identity layer at an output that the block computes
@@ -56,6 +58,7 @@ class InsertionPoints:
     attention: tuple = ()
     feedforward: tuple = ()
     cross_attention: tuple = ()
+    feedforward_input: tuple = ()
     prepare: object = None
 
     def candidates(self, placement):
@@ -84,6 +87,7 @@ def register_block(
     attention=None,
     feedforward=None,
     cross_attention=None,
+    feedforward_input=None,
     prepare=None,
 ):
     """Register where adapters go in blocks of `block_class`.
@@ -109,6 +113,9 @@ def register_block(
             the feed-forward branch.
         cross_attention: string, list of strings or `None`. Attribute ending
             the cross-attention branch.
+        feedforward_input: string, list of strings or `None`. Attribute of
+            the first sublayer that the feed-forward branch calls on its
+            input. Parallel adapters need it, because they read that input.
         prepare: callable or `None`. Called as `prepare(block)` before
             adapters are inserted into a block of this class. Use it to
             create a sublayer that the branch arguments can name, where the
@@ -143,7 +150,13 @@ def register_block(
         raise ValueError(
             f"`prepare` must be callable or `None`. Received: prepare={prepare!r}"
         )
-    _REGISTRY[block_class] = InsertionPoints(prepare=prepare, **branches)
+    _REGISTRY[block_class] = InsertionPoints(
+        feedforward_input=_candidate_tuple(
+            "feedforward_input", feedforward_input
+        ),
+        prepare=prepare,
+        **branches,
+    )
 
 
 def _candidate_tuple(argument, value):
@@ -343,6 +356,7 @@ def _register_keras_hub_blocks():
         TransformerEncoder,
         attention="_self_attention_dropout",
         feedforward="_feedforward_dropout",
+        feedforward_input="_feedforward_intermediate_dense",
     )
     # GPT-2, OPT and the BART decoder. The cross-attention sublayers exist
     # only in decoders built with an encoder sequence.
@@ -351,12 +365,14 @@ def _register_keras_hub_blocks():
         attention="_self_attention_dropout",
         feedforward="_feedforward_dropout",
         cross_attention="_cross_attention_dropout",
+        feedforward_input="_feedforward_intermediate_dense",
     )
     # DeBERTa-v3.
     register_block(
         DisentangledAttentionEncoder,
         attention="_self_attention_dropout",
         feedforward="_feedforward_dropout",
+        feedforward_input="_feedforward_intermediate_dense",
     )
     # RoFormer-v2 and ESM call one `dropout_layer` on several branches, so
     # the adapter wraps the projection before it.
@@ -380,6 +396,7 @@ def _register_keras_hub_blocks():
     )
 
     # Llama-style decoders have no dropout after the feed-forward output.
+    # Their feed-forward branch calls the gate projection first.
     for block_class in (
         LlamaTransformerDecoder,
         MistralTransformerDecoder,
@@ -390,6 +407,7 @@ def _register_keras_hub_blocks():
             block_class,
             attention="_self_attention_dropout",
             feedforward="_feedforward_output_dense",
+            feedforward_input="_feedforward_gate_dense",
         )
     # The mixture-of-experts sublayers return `(outputs, router_logits)`.
     register_block(

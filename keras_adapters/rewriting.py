@@ -7,10 +7,12 @@ import re
 import keras
 from keras.src.utils.naming import to_snake_case
 
+from keras_adapters import configs
 from keras_adapters import registry
 from keras_adapters import serialization
 from keras_adapters.layers import AdaptedSublayer
 from keras_adapters.layers import AdapterLayer
+from keras_adapters.layers import BranchInputTap
 from keras_adapters.layers import unlocked_state
 
 logger = logging.getLogger(__name__)
@@ -35,6 +37,8 @@ class _AdapterState:
     train_layer_norms: bool = True
     train_head: bool = True
     settings: dict = dataclasses.field(default_factory=dict)
+    # Fusion name -> {"adapter_names": [...], "temperature": float}.
+    fusions: dict = dataclasses.field(default_factory=dict)
     # `trainable` of each weight in `model.weights` before the first
     # adapters were added, restored when the last adapters are removed.
     base_trainable: list = None
@@ -74,24 +78,22 @@ class ParameterCounts:
 def add_adapters(
     model,
     name="adapter",
-    placement="houlsby",
-    bottleneck_size=None,
-    reduction_factor=None,
-    activation="gelu",
+    config="houlsby",
     train_adapters=True,
     train_layer_norms=True,
     train_head=True,
     print_summary=False,
-    **adapter_kwargs,
+    **kwargs,
 ):
     """Insert bottleneck adapters into every block of a keras-hub model.
 
-    The model is changed in place. Each adapter wraps the last sublayer of a
-    branch, after its output projection and dropout and before the block's
-    residual add and layer norm. Afterwards the backbone's other weights are
-    frozen, and only the adapters, the layer norms and the task head train.
-    Compile the model after this call, so that the optimizer tracks the new
-    trainable weights.
+    The model is changed in place. A sequential adapter wraps the last
+    sublayer of a branch, after its output projection and dropout and
+    before the block's residual add and layer norm. A parallel adapter also
+    records the input of the feed-forward branch and adds its output beside
+    the branch. Afterwards the backbone's other weights are frozen, and only
+    the adapters, the layer norms and the task head train. Compile the model
+    after this call, so that the optimizer tracks the new trainable weights.
 
     The model's class is replaced by a subclass of the same name that saves
     the adapter settings in its config, so that `model.save` and
@@ -103,22 +105,20 @@ def add_adapters(
         model: a keras-hub backbone, or a task model that contains one, such as
             `keras_hub.models.BertTextClassifier`.
         name: string. Name of the adapters. Defaults to `"adapter"`.
-        placement: string or list of strings. `"houlsby"` (the default)
-            adds adapters on the attention and feed-forward branches,
-            `"pfeiffer"` on the feed-forward branch only. A list such as
-            `["feedforward"]` picks branches by name.
-        bottleneck_size: int or `None`. The bottleneck size `r`.
-        reduction_factor: int or `None`. Sets `r = d // reduction_factor`.
-            Defaults to `16` when `bottleneck_size` is `None`.
-        activation: the adapters' activation. Defaults to `"gelu"`.
+        config: a `keras_adapters.AdapterConfig`, or the name of a variant:
+            `"houlsby"` (the default), `"pfeiffer"` or `"parallel"`.
         train_adapters: bool. Whether the new adapters train.
         train_layer_norms: bool. Whether the backbone's layer norms train.
         train_head: bool. Whether the task head and the backbone's pooler
             train.
         print_summary: bool. Print the parameter counts. They are logged at
             INFO level either way.
-        **adapter_kwargs: further `AdapterLayer` arguments, such as
-            `residual` or `up_kernel_initializer`.
+        **kwargs: `AdapterConfig` fields that replace those of `config`,
+            such as `bottleneck_size`, `activation` or `skip_blocks`;
+            `placement`, a preset name such as `"pfeiffer"` or a list of
+            branches such as `["feedforward"]`, for the `placements` field;
+            and further `AdapterLayer` arguments, such as
+            `up_kernel_initializer`.
 
     Returns:
         The model that was passed in.
@@ -134,29 +134,27 @@ def add_adapters(
     ```
     """
     _check_name(name)
-    placements = registry.resolve_placements(placement)
+    config, layer_kwargs = _resolve_config(config, kwargs)
     # Build one adapter up front so that bad arguments fail before any
     # block is changed.
-    template = AdapterLayer(
-        bottleneck_size=bottleneck_size,
-        reduction_factor=reduction_factor,
-        activation=activation,
-        **adapter_kwargs,
-    )
+    template = AdapterLayer(**config.layer_kwargs(), **layer_kwargs)
     blocks = find_blocks(model)
-    if name in adapter_names(model):
+    if name in adapter_names(model) or name in fusion_names(model):
         raise ValueError(
-            f"The model already has adapters named '{name}'. Pick another "
-            "name, or call `keras_adapters.remove_adapters(model, "
-            f"'{name}')` first."
+            f"The model already has adapters or a fusion named '{name}'. "
+            "Pick another name, or call `keras_adapters.remove_adapters("
+            f"model, '{name}')` first."
         )
     _check_hidden_sizes(blocks, template)
+    adapted_blocks = _adapted_blocks(blocks, config)
     base_trainable = [variable.trainable for variable in model.weights]
     _prepare_blocks(blocks)
-    targets = _insertion_targets(blocks, placements)
+    targets = _insertion_targets(adapted_blocks, config.placements)
+    if config.is_parallel:
+        _check_parallel_inputs(adapted_blocks)
 
     for block_path, block, placement_name in targets:
-        _insert_adapter(block, placement_name, name, template)
+        _insert_adapter(block, placement_name, name, template, config)
 
     state = _get_state(model) or _AdapterState()
     if state.base_trainable is None:
@@ -164,10 +162,9 @@ def add_adapters(
     state.train_adapters = train_adapters
     state.train_layer_norms = train_layer_norms
     state.train_head = train_head
-    state.settings[name] = {
-        "placements": list(placements),
-        "adapter": adapter_settings(template),
-    }
+    state.settings[name] = configs.config_settings(
+        config, adapter_settings(template)
+    )
     object.__setattr__(model, _STATE_ATTRIBUTE, state)
     serialization.mark_adapted(model)
 
@@ -179,12 +176,27 @@ def add_adapters(
         "Added adapters '%s' at %d insertion points in %d blocks; %s",
         name,
         len(targets),
-        len(blocks),
+        len(adapted_blocks),
         counts,
     )
     if print_summary:
         print(counts)
     return model
+
+
+def _resolve_config(config, kwargs):
+    """Split `add_adapters` keyword arguments into a config and layer kwargs."""
+    config = configs.get_adapter_config(config)
+    kwargs = dict(kwargs)
+    changes = {}
+    if "placement" in kwargs:
+        changes["placements"] = kwargs.pop("placement")
+    for field in configs.field_names():
+        if field in kwargs:
+            changes[field] = kwargs.pop(field)
+    if changes:
+        config = config.replace(**changes)
+    return config, kwargs
 
 
 def adapter_settings(adapter):
@@ -209,6 +221,17 @@ def remove_adapters(model, name):
             f"The model has no adapters named '{name}'. Adapters present: "
             f"{adapter_names(model)}"
         )
+    state = _get_state(model)
+    fused_in = [
+        fusion
+        for fusion, settings in (state.fusions if state else {}).items()
+        if name in settings["adapter_names"]
+    ]
+    if fused_in:
+        raise ValueError(
+            f"Adapters '{name}' are part of the fusions {fused_in}. Remove "
+            "those first with `keras_adapters.remove_fusion`."
+        )
     for block_path, block in find_blocks(model):
         for placement_name, wrapper in _wrappers_of(block):
             if name not in wrapper.adapters:
@@ -217,8 +240,8 @@ def remove_adapters(model, name):
             if not wrapper.adapters:
                 attribute = _attribute_of(block, placement_name)
                 _replace_sublayer(block, attribute, wrapper.sublayer)
+        _remove_unused_tap(block)
 
-    state = _get_state(model)
     if state is not None:
         state.settings.pop(name, None)
     if adapter_names(model):
@@ -264,6 +287,11 @@ def adapters_config(model):
             for name in adapter_names(model)
             if name in state.settings
         ],
+        "fusions": [
+            {"name": name, **state.fusions[name]}
+            for name in fusion_names(model)
+            if name in state.fusions
+        ],
         "active_adapters": None if all_active else active_adapters(model),
         "train_adapters": state.train_adapters,
         "train_layer_norms": state.train_layer_norms,
@@ -281,15 +309,26 @@ def restore_adapters(model, config):
     for settings in config["adapters"]:
         if settings["name"] in adapter_names(model):
             continue
+        adapter_config, layer_kwargs = configs.config_from_settings(settings)
         add_adapters(
             model,
             name=settings["name"],
-            placement=settings["placements"],
+            config=adapter_config,
             train_adapters=config["train_adapters"],
             train_layer_norms=config["train_layer_norms"],
             train_head=config["train_head"],
-            **settings["adapter"],
+            **layer_kwargs,
         )
+    for settings in config.get("fusions", []):
+        if settings["name"] not in fusion_names(model):
+            from keras_adapters import composition
+
+            composition.add_fusion(
+                model,
+                settings["adapter_names"],
+                name=settings["name"],
+                temperature=settings["temperature"],
+            )
     if config["active_adapters"] is not None:
         set_active_adapters(model, config["active_adapters"])
 
@@ -305,7 +344,8 @@ def set_active_adapters(model, names):
     Args:
         model: an adapted model.
         names: a name, a list of names to run stacked in that order, or
-            `None` or `[]` to turn all adapters off. With all adapters off
+            `None` or `[]` to turn all adapters off. A name may be that of a
+            fusion, which runs its adapters and combines their outputs. With all adapters off
             the model computes exactly what the base model computes.
     """
     if names is None:
@@ -313,17 +353,20 @@ def set_active_adapters(model, names):
     elif isinstance(names, str):
         names = [names]
     names = list(names)
-    present = adapter_names(model)
+    present = adapter_names(model) + fusion_names(model)
     unknown = [name for name in names if name not in present]
     if unknown:
         raise ValueError(
-            f"Unknown adapter names {unknown}. Adapters present: {present}"
+            f"Unknown adapter names {unknown}. Adapters and fusions present: "
+            f"{present}"
         )
 
     for block_path, block in find_blocks(model):
         for placement_name, wrapper in _wrappers_of(block):
             wrapper.active_adapters = [
-                name for name in names if name in wrapper.adapters
+                name
+                for name in names
+                if name in wrapper.adapters or name in wrapper.fusions
             ]
     update_trainable(model)
     reset_compiled_functions(model)
@@ -346,6 +389,17 @@ def adapter_names(model):
     for block_path, block in find_blocks(model):
         for placement_name, wrapper in _wrappers_of(block):
             for name in wrapper.adapters:
+                if name not in names:
+                    names.append(name)
+    return names
+
+
+def fusion_names(model):
+    """Return the names of the fusions in `model`, in the order added."""
+    names = []
+    for block_path, block in find_blocks(model):
+        for placement_name, wrapper in _wrappers_of(block):
+            for name in wrapper.fusions:
                 if name not in names:
                     names.append(name)
     return names
@@ -479,9 +533,14 @@ def update_trainable(model):
 def weight_groups(model):
     """Map `id(variable)` to `"adapters"`, `"layer_norms"` or `"head"`.
 
-    Inactive adapters and frozen weights are left out of the map.
+    Active fusions count as adapters, and the adapters they fuse do not.
+    Inactive adapters, frozen weights and the layer norms below the lowest
+    block with active adapters are left out of the map. Those layer norms
+    are left out only when that block is not the first one, so that
+    backpropagation can stop there, as AdapterDrop intends.
     """
     backbone = find_backbone(model)
+    below = _layers_below_adapters(model)
     groups = {}
 
     for path, layer in named_layers(model):
@@ -489,7 +548,7 @@ def weight_groups(model):
             for adapter in _active_adapters(layer):
                 for variable in adapter.weights:
                     groups[id(variable)] = "adapters"
-        elif registry.is_layer_norm(layer):
+        elif registry.is_layer_norm(layer) and id(layer) not in below:
             if path.startswith(BACKBONE_PATH + "/") or backbone is None:
                 for variable in layer.weights:
                     groups.setdefault(id(variable), "layer_norms")
@@ -570,10 +629,45 @@ def _active_adapter_names(wrapper):
 
 
 def _active_adapters(wrapper):
-    return [wrapper.adapters[name] for name in _active_adapter_names(wrapper)]
+    """Return the active adapters and fusions of `wrapper`, which train."""
+    layers = []
+    for name in _active_adapter_names(wrapper):
+        if name in wrapper.fusions:
+            layers.append(wrapper.fusions[name])
+        else:
+            layers.append(wrapper.adapters[name])
+    return layers
 
 
-def _insert_adapter(block, placement_name, name, template):
+def _layers_below_adapters(model):
+    """Return the ids of the layers below the lowest block with adapters.
+
+    Empty when the first block has active adapters. The layers are those
+    of the blocks below it and the backbone's own layers that its graph
+    runs before that block, such as the embeddings and their layer norm.
+    """
+    blocks = find_blocks(model)
+    lowest = None
+    for index, (block_path, block) in enumerate(blocks):
+        if any(_active_adapters(w) for _, w in _wrappers_of(block)):
+            lowest = index
+            break
+    if not lowest:
+        return set()
+
+    below = set()
+    for block_path, block in blocks[:lowest]:
+        below.update(id(layer) for layer in block._flatten_layers())
+    backbone = find_backbone(model)
+    lowest_block = blocks[lowest][1]
+    for layer in getattr(backbone, "layers", []):
+        if layer is lowest_block:
+            break
+        below.update(id(inner) for inner in layer._flatten_layers())
+    return below
+
+
+def _insert_adapter(block, placement_name, name, template, config):
     attribute = _attribute_of(block, placement_name)
     current = getattr(block, attribute)
     if isinstance(current, AdaptedSublayer):
@@ -586,14 +680,71 @@ def _insert_adapter(block, placement_name, name, template):
         )
         _replace_sublayer(block, attribute, wrapper)
 
-    config = template.get_config()
-    config["name"] = name
-    config["dtype"] = block.dtype_policy
-    adapter = AdapterLayer.from_config(config)
+    if config.is_parallel and wrapper.branch_input is None:
+        wrapper.branch_input = _tap_feedforward_input(block).branch_input
+
+    layer_config = template.get_config()
+    layer_config["name"] = name
+    layer_config["dtype"] = block.dtype_policy
+    adapter = AdapterLayer.from_config(layer_config)
     # The name scopes give the adapter's variables paths such as
     # "transformer_layer_0/attention/<name>/down_kernel".
     with keras.name_scope(block.name), keras.name_scope(placement_name):
-        wrapper.add_adapter(name, adapter, (None, None, _hidden_size(block)))
+        wrapper.add_adapter(
+            name,
+            adapter,
+            (None, None, _hidden_size(block)),
+            parallel=config.is_parallel,
+        )
+
+
+def _tap_feedforward_input(block):
+    """Wrap the first feed-forward sublayer of `block` in a `BranchInputTap`."""
+    attribute = _attribute_of(block, "feedforward_input")
+    current = getattr(block, attribute)
+    if isinstance(current, BranchInputTap):
+        return current
+    tap = BranchInputTap(current, name=f"{current.name}_tap")
+    _replace_sublayer(block, attribute, tap)
+    return tap
+
+
+def _remove_unused_tap(block):
+    """Put back the first feed-forward sublayer once no adapter reads it."""
+    attribute = _attribute_of(block, "feedforward_input")
+    if attribute is None:
+        return
+    tap = getattr(block, attribute)
+    if not isinstance(tap, BranchInputTap):
+        return
+    for placement_name, wrapper in _wrappers_of(block):
+        if wrapper.parallel_adapters:
+            return
+        wrapper.branch_input = None
+    _replace_sublayer(block, attribute, tap.sublayer)
+
+
+def _adapted_blocks(blocks, config):
+    """Return the blocks that get adapters: all but the lowest skipped ones."""
+    if config.skip_blocks >= len(blocks):
+        raise ValueError(
+            f"`skip_blocks` must be less than the number of blocks, "
+            f"{len(blocks)}, so that some block gets adapters. Received: "
+            f"skip_blocks={config.skip_blocks}"
+        )
+    return blocks[config.skip_blocks :]
+
+
+def _check_parallel_inputs(blocks):
+    for block_path, block in blocks:
+        if _attribute_of(block, "feedforward_input") is None:
+            raise ValueError(
+                f"Block '{block_path}' ({type(block).__name__}) has no "
+                "registered feed-forward input, so parallel adapters cannot "
+                "read it. Use a sequential config, or register the block "
+                "with `keras_adapters.register_block(..., "
+                "feedforward_input=...)`."
+            )
 
 
 def _replace_sublayer(block, attribute, new_layer):
@@ -644,10 +795,12 @@ def _hidden_size(block):
 
 
 def _check_name(name):
-    if not isinstance(name, str) or not name or "/" in name:
+    # Adapter and fusion names become layer names and TensorFlow name
+    # scopes, which allow only these characters.
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_.\-]+", name):
         raise ValueError(
-            "`name` must be a non-empty string without '/'. Received: "
-            f"name={name!r}"
+            "`name` must be a non-empty string of letters, digits, '_', '.' "
+            f"and '-'. Received: name={name!r}"
         )
 
 

@@ -217,7 +217,7 @@ def test_backbone_weights_frozen():
 def test_same_name_twice_raises():
     model = make_classifier("bert")
     keras_adapters.add_adapters(model, name="task", bottleneck_size=BOTTLENECK_SIZE)
-    with pytest.raises(ValueError, match="already has adapters named 'task'"):
+    with pytest.raises(ValueError, match="already has adapters or a fusion named 'task'"):
         keras_adapters.add_adapters(
             model, name="task", bottleneck_size=BOTTLENECK_SIZE
         )
