@@ -285,3 +285,47 @@ def test_parallel_needs_registered_input():
             feedforward=points.feedforward,
             feedforward_input=points.feedforward_input,
         )
+
+
+def _backward_op_names(model):
+    """Return the names of the backward ops that the gradients depend on."""
+    import tensorflow as tf
+
+    inputs = make_inputs("bert")
+    labels = np.arange(inputs["token_ids"].shape[0]) % 2
+    loss_function = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+    @tf.function
+    def gradients(inputs, labels):
+        with tf.GradientTape() as tape:
+            loss = loss_function(labels, model(inputs, training=True))
+        return tape.gradient(loss, model.trainable_weights)
+
+    graph = gradients.get_concrete_function(inputs, labels).graph
+    # The tape also records ops of frozen layers, but TensorFlow prunes the
+    # gradient ops that no returned gradient depends on before running the
+    # function, so only the outputs' ancestors count.
+    needed = set()
+    pending = [tensor.op for tensor in graph.outputs]
+    while pending:
+        op = pending.pop()
+        if op.name in needed:
+            continue
+        needed.add(op.name)
+        pending.extend(tensor.op for tensor in op.inputs)
+        pending.extend(op.control_inputs)
+    return [name for name in needed if name.startswith("gradient_tape/")]
+
+
+@pytest.mark.parametrize("skip_blocks, reaches_first_block", [(0, True), (1, False)])
+def test_adapter_drop_stops_backpropagation(skip_blocks, reaches_first_block):
+    model = make_classifier("bert")
+    keras_adapters.add_adapters(
+        model, bottleneck_size=BOTTLENECK_SIZE, skip_blocks=skip_blocks
+    )
+
+    names = _backward_op_names(model)
+
+    assert any("transformer_layer_1" in name for name in names)
+    in_first_block = any("transformer_layer_0" in name for name in names)
+    assert in_first_block == reaches_first_block
