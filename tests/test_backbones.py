@@ -194,9 +194,58 @@ def _prompt_batch(seed=0):
     return rng.integers(1, 64, (2, SEQUENCE_LENGTH)).astype("int32")
 
 
+def _supports_parallel(model):
+    return all(
+        rewriting._attribute_of(block, "feedforward_input") is not None
+        for _, block in rewriting.find_blocks(model)
+    )
+
+
+def _add_parallel(model):
+    return keras_adapters.add_adapters(
+        model,
+        config="parallel",
+        bottleneck_size=BOTTLENECK_SIZE,
+        up_bias_initializer=_LARGE_BIAS,
+    )
+
+
+def test_parallel_adapters(case):
+    model = make_backbone(case)
+    inputs = make_inputs(case)
+    expected = backbone_outputs(model, inputs)
+    if not _supports_parallel(model):
+        with pytest.raises(ValueError, match="feedforward_input"):
+            _add_parallel(model)
+        assert not rewriting.adapter_names(model)
+        return
+
+    _add_parallel(model)
+    scale = np.abs(expected).max()
+    moved = np.abs(backbone_outputs(model, inputs) - expected).max()
+    keras_adapters.remove_adapters(model, "adapter")
+
+    assert moved > 0.1 * scale
+    np.testing.assert_array_equal(backbone_outputs(model, inputs), expected)
+
+
 def test_cached_logits_match_full_forward(causal_case):
     model = _causal_lm(causal_case)
     _add(model, causal_case, up_bias_initializer=_LARGE_BIAS)
+    _check_cached_logits(model)
+
+
+def test_cached_logits_with_parallel_adapters(causal_case):
+    model = _causal_lm(causal_case)
+    if not _supports_parallel(model):
+        with pytest.raises(ValueError, match="feedforward_input"):
+            _add_parallel(model)
+        return
+    _add_parallel(model)
+    _check_cached_logits(model)
+
+
+def _check_cached_logits(model):
     token_ids = _prompt_batch()
     padding_mask = np.ones(token_ids.shape, bool)
     full = keras.ops.convert_to_numpy(
