@@ -4,6 +4,7 @@ import keras
 import numpy as np
 import pytest
 
+from keras_adapters import AdapterFusion
 from keras_adapters import AdapterLayer
 
 
@@ -157,8 +158,9 @@ def test_keras_file_round_trip(tmp_path):
 
 
 @pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16"])
-def test_mixed_precision_dtypes(policy):
-    layer = AdapterLayer(bottleneck_size=4, dtype=policy)
+@pytest.mark.parametrize("layer_norm", [None, "before", "after"])
+def test_mixed_precision_dtypes(policy, layer_norm):
+    layer = AdapterLayer(bottleneck_size=4, layer_norm=layer_norm, dtype=policy)
     outputs = layer(np.ones((2, 16), "float32"))
 
     compute_dtype = policy.split("_")[1]
@@ -179,3 +181,52 @@ def test_mask_passes_through():
     np.testing.assert_allclose(
         model.predict(padded, verbose=0), model.predict(trimmed, verbose=0), atol=1e-6
     )
+
+
+@pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16"])
+def test_fusion_mixed_precision_dtypes(policy):
+    fusion = AdapterFusion(["a", "b"], dtype=policy)
+    hidden = np.ones((2, 3, 16), "float32")
+    outputs = fusion(hidden, [hidden, -hidden])
+
+    compute_dtype = policy.split("_")[1]
+    assert keras.backend.standardize_dtype(outputs.dtype) == compute_dtype
+    for weight in fusion.weights:
+        assert weight.dtype == "float32"
+
+
+def test_scaling_multiplies_bottleneck_output():
+    inputs = np.random.default_rng(0).normal(size=(2, 16)).astype("float32")
+    plain = AdapterLayer(bottleneck_size=4, residual=False)
+    scaled = AdapterLayer.from_config({**plain.get_config(), "scaling": 4.0})
+    plain.build(inputs.shape)
+    scaled.build(inputs.shape)
+    scaled.set_weights(plain.get_weights())
+
+    np.testing.assert_allclose(
+        keras.ops.convert_to_numpy(scaled(inputs)),
+        4.0 * keras.ops.convert_to_numpy(plain(inputs)),
+        rtol=1e-5,
+    )
+
+
+def test_layer_norm_before_normalizes_input():
+    rng = np.random.default_rng(0)
+    inputs = rng.normal(size=(2, 16)).astype("float32")
+    layer = AdapterLayer(bottleneck_size=4, layer_norm="before", residual=False)
+    layer.build(inputs.shape)
+
+    # Shifting and scaling the input leaves a normalized input unchanged.
+    np.testing.assert_allclose(
+        keras.ops.convert_to_numpy(layer(3.0 * inputs + 5.0)),
+        keras.ops.convert_to_numpy(layer(inputs)),
+        atol=1e-5,
+    )
+
+
+@pytest.mark.parametrize(
+    "argument, value", [("scaling", "2"), ("layer_norm", "middle")]
+)
+def test_bad_variant_argument_raises(argument, value):
+    with pytest.raises(ValueError, match=argument):
+        AdapterLayer(**{argument: value})
