@@ -61,6 +61,40 @@ def test_float16_file_loads_into_float32(tmp_path):
     )
 
 
+@pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16"])
+@pytest.mark.parametrize("config", ["houlsby", "parallel"])
+def test_mixed_policy_model_dtypes(policy, config, tmp_path):
+    keras.config.set_dtype_policy(policy)
+    try:
+        model = make_classifier("bert")
+        keras_adapters.add_adapters(model, config=config, bottleneck_size=4)
+        wrapper = next(
+            layer
+            for layer in model._flatten_layers()
+            if isinstance(layer, keras_adapters.AdaptedSublayer)
+        )
+        hidden = keras.ops.ones((2, 8, 16), dtype=policy.split("_")[1])
+        if wrapper.branch_input is not None:
+            # A parallel adapter reads the branch input that its block
+            # records, so record one for this direct call.
+            wrapper.branch_input.record(hidden)
+        outputs = wrapper(hidden)
+        fit_briefly(model, make_inputs("bert"), epochs=1, learning_rate=1e-3)
+    finally:
+        keras.config.set_dtype_policy("float32")
+    path = keras_adapters.save_adapters(model, tmp_path / "mixed.safetensors")
+
+    assert keras.backend.standardize_dtype(outputs.dtype) == policy.split("_")[1]
+    for _, adapter in keras_adapters.rewriting.iter_adapters(model):
+        for weight in adapter.weights:
+            assert weight.dtype == "float32", weight.path
+    with safe_open(path, framework="np") as file:
+        dtypes = {file.get_tensor(key).dtype for key in file.keys()}
+    assert dtypes == {np.dtype("float32")}
+    # A file written under a mixed policy loads into a float32 model.
+    keras_adapters.load_adapters(make_classifier("bert"), path)
+
+
 def test_fit_with_jit_compile():
     model = make_classifier("bert")
     keras_adapters.add_adapters(model, bottleneck_size=4)
