@@ -176,12 +176,15 @@ class _RestrictedUnpickler(pickle.Unpickler):
             or not isinstance(persistent_id[1], _StorageType)
         ):
             raise pickle.UnpicklingError(
-                f"Unsupported persistent id in the checkpoint: {persistent_id!r}"
+                "Unsupported persistent id in the checkpoint: "
+                f"{persistent_id!r}"
             )
         _, storage_type, key, location, numel = persistent_id
         key = str(key)
         if key not in self.storages:
-            self.storages[key] = self._read_storage(storage_type, key, int(numel))
+            self.storages[key] = self._read_storage(
+                storage_type, key, int(numel)
+            )
         return self.storages[key]
 
     def _read_storage(self, storage_type, key, numel):

@@ -38,7 +38,11 @@ def _write_checkpoint(path, size, stride, numel=4, storage_bytes=None):
     pickled = (
         b"\x80\x02}X\x01\x00\x00\x00w"
         b"ctorch._utils\n_rebuild_tensor_v2\n"
-        b"(" + storage_id + b"K\x00" + tuple_of(size) + tuple_of(stride)
+        b"("
+        + storage_id
+        + b"K\x00"
+        + tuple_of(size)
+        + tuple_of(stride)
         + b"\x89ccollections\nOrderedDict\n)Rt"
         b"Rs."
     )

@@ -59,15 +59,25 @@ def parse_args():
     parser.add_argument(
         "--output",
         default=os.path.join(
-            os.path.dirname(__file__), os.pardir, "tests", "fixtures", "adapterhub"
+            os.path.dirname(__file__),
+            os.pardir,
+            "tests",
+            "fixtures",
+            "adapterhub",
         ),
         help="Folder to write the fixture to. Default: %(default)s",
     )
     parser.add_argument(
-        "--steps", type=int, default=48, help="Training steps. Default: %(default)s"
+        "--steps",
+        type=int,
+        default=48,
+        help="Training steps. Default: %(default)s",
     )
     parser.add_argument(
-        "--batch-size", type=int, default=16, help="Sentences per training step. Default: %(default)s"
+        "--batch-size",
+        type=int,
+        default=16,
+        help="Sentences per training step. Default: %(default)s",
     )
     parser.add_argument(
         "--learning-rate",
@@ -118,7 +128,11 @@ def build_model(checkpoint):
 
 def train(model, tokenizer, examples, args):
     optimizer = torch.optim.AdamW(
-        [parameter for parameter in model.parameters() if parameter.requires_grad],
+        [
+            parameter
+            for parameter in model.parameters()
+            if parameter.requires_grad
+        ],
         lr=args.learning_rate,
     )
     model.train()
@@ -144,7 +158,7 @@ def train(model, tokenizer, examples, args):
 
 @torch.no_grad()
 def reference_outputs(model, features):
-    """Return the logits with and without the adapter, and the base [CLS] state."""
+    """Return logits with and without the adapter, and the base [CLS] state."""
     logits = model(**features).logits.numpy()
 
     model.set_active_adapters(None)
@@ -184,7 +198,9 @@ def main():
 
     output = os.path.abspath(args.output)
     os.makedirs(output, exist_ok=True)
-    model.save_adapter(os.path.join(output, "bin"), ADAPTER_NAME, with_head=True)
+    model.save_adapter(
+        os.path.join(output, "bin"), ADAPTER_NAME, with_head=True
+    )
     model.save_adapter(
         os.path.join(output, "safetensors"),
         ADAPTER_NAME,

@@ -1,4 +1,4 @@
-"""Write a small `torch.save` checkpoint with every tensor layout the reader handles.
+"""Write a `torch.save` checkpoint with every tensor layout the reader handles.
 
 `tests/test_torch_checkpoint.py` reads it without torch and compares with
 the NumPy arrays that torch itself gives for the same tensors. Run it in an
@@ -13,7 +13,11 @@ import numpy as np
 import torch
 
 OUTPUT = os.path.join(
-    os.path.dirname(__file__), os.pardir, "tests", "fixtures", "torch_checkpoint"
+    os.path.dirname(__file__),
+    os.pardir,
+    "tests",
+    "fixtures",
+    "torch_checkpoint",
 )
 
 
