@@ -572,7 +572,11 @@ def _read_head(model, directory, hidden_size):
 
 
 def _head_layer_keys(head_file_config, tensors, directory):
-    """Return `{"pooler" or "output": AdapterHub key prefix}` of the head."""
+    """Return `{"pooler" or "output": AdapterHub key prefix}` of the head.
+
+    NOTE: only the two-layer head is compared with PyTorch in the tests. The
+    `layers=1, use_pooler=True` and static heads were compared once by hand.
+    """
     head_config = head_file_config.get("config")
     if head_config is None:
         # A static transformers head, such as BertForSequenceClassification.
