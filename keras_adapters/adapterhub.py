@@ -145,8 +145,10 @@ def load_adapterhub_adapter(model, directory, name=None, load_head=True):
     )
     head_values = []
     if load_head:
-        head_values = _read_head(model, directory, hidden_size)
+        head_values = _read_head(model, directory)
 
+    state = rewriting._get_state(model)
+    flags = None if state is None else _training_flags(state)
     rewriting.add_adapters(
         model, name=name, config=config, train_layer_norms=False
     )
@@ -155,6 +157,9 @@ def load_adapterhub_adapter(model, directory, name=None, load_head=True):
         _check_shapes(targets, values, directory)
     except ValueError:
         rewriting.remove_adapters(model, name)
+        if flags is not None:
+            # Adapters added before keep training what they trained.
+            _restore_training_flags(model, flags)
         raise
 
     for key, variable in targets.items():
@@ -292,6 +297,16 @@ def save_adapterhub_adapter(
     _write_files_atomically(directory, files, writers)
     logger.info("Exported adapters '%s' to %s for AdapterHub", name, directory)
     return directory
+
+
+def _training_flags(state):
+    return (state.train_adapters, state.train_layer_norms, state.train_head)
+
+
+def _restore_training_flags(model, flags):
+    state = rewriting._get_state(model)
+    state.train_adapters, state.train_layer_norms, state.train_head = flags
+    rewriting.update_trainable(model)
 
 
 def _check_directory(directory):
@@ -498,7 +513,7 @@ def _raise_problems(problems, directory):
     )
 
 
-def _read_head(model, directory, hidden_size):
+def _read_head(model, directory):
     """Return `[(variable, value)]` for the head in `directory`, or `[]`.
 
     AdapterHub's default classification head (`layers=2`) computes

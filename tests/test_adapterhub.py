@@ -543,6 +543,25 @@ def test_reject_other_backbone():
     _assert_rejected(tiny, SAFETENSORS_FOLDER, ValueError, "RobertaBackbone")
 
 
+def test_reject_keeps_other_adapters(tmp_path):
+    def edit(config):
+        config["config"]["reduction_factor"] = 8  # r = 48, the file has 24.
+
+    folder = _copy_fixture(tmp_path, edit)
+    model = _classifier()
+    keras_adapters.add_adapters(model, name="task", bottleneck_size=8)
+    trainable = [weight.trainable for weight in model.weights]
+    before = _values(model)
+
+    with pytest.raises(ValueError, match="shape mismatch"):
+        keras_adapters.load_adapterhub_adapter(model, folder)
+
+    assert keras_adapters.adapter_names(model) == ["task"]
+    assert [weight.trainable for weight in model.weights] == trainable
+    for received, expected in zip(_values(model), before):
+        np.testing.assert_array_equal(received, expected)
+
+
 def test_reject_existing_name(loaded):
     with pytest.raises(ValueError, match="already has adapters"):
         keras_adapters.load_adapterhub_adapter(loaded, BIN_FOLDER)
