@@ -338,6 +338,27 @@ def test_export_bin_needs_torch(loaded, tmp_path):
     assert not (tmp_path / "export").exists()
 
 
+@pytest.mark.skipif(
+    importlib.util.find_spec("torch") is None, reason="needs torch"
+)
+def test_export_bin_matches_safetensors(loaded, tmp_path):
+    folder = keras_adapters.save_adapterhub_adapter(
+        loaded, tmp_path / "export", weights_format="both"
+    )
+
+    for bin_name, safe_name in (
+        (adapterhub.WEIGHTS_NAME, adapterhub.SAFE_WEIGHTS_NAME),
+        (adapterhub.HEAD_WEIGHTS_NAME, adapterhub.SAFE_HEAD_WEIGHTS_NAME),
+    ):
+        received = read_torch_checkpoint(os.path.join(folder, bin_name))
+        expected = load_file(os.path.join(folder, safe_name))
+        assert sorted(received) == sorted(expected)
+        for key in expected:
+            np.testing.assert_array_equal(
+                received[key], expected[key], err_msg=key
+            )
+
+
 def _reference_python():
     """Return a Python with torch and `adapters` installed, or `None`."""
     if importlib.util.find_spec("adapters") and importlib.util.find_spec(
