@@ -1,5 +1,9 @@
 """Bottleneck adapters for Keras 3 and keras-hub."""
 
+from keras_adapters.adapterhub import load_adapterhub_adapter
+from keras_adapters.adapterhub import save_adapterhub_adapter
+from keras_adapters.adapterhub_config import config_from_adapterhub
+from keras_adapters.adapterhub_config import config_to_adapterhub
 from keras_adapters.composition import add_fusion
 from keras_adapters.composition import average_adapters
 from keras_adapters.composition import remove_fusion
