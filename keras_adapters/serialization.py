@@ -16,8 +16,8 @@ model. Keras loads the weights only after `from_config` returns, so every
 adapter weight in the file finds its variable. `keras.models.load_model`
 needs no `custom_objects`, as long as `keras_adapters` has been imported.
 
-The subclass also adds the `tf.distribute` checks of
-`keras_adapters.distribute` to `compile`, `fit` and `train_on_batch`.
+The subclass also adds the `tf.distribute` checks and workarounds of
+`keras_adapters.distribute` to `compile`, `fit` and the train and test steps.
 
 We chose the class swap over rewriting the blocks' configs because keras-hub
 backbones do not serialize their blocks at all. It leaves keras-hub's

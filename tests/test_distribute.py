@@ -1,21 +1,141 @@
-"""Adapter training under tf.distribute strategies.
+"""Adapter training under tf.distribute strategies, and recovery from failures.
 
-Every test here runs TensorFlow in a child process, because MirroredStrategy
-needs logical CPU devices configured before TensorFlow starts.
+Every test here runs TensorFlow in child processes: MirroredStrategy needs
+logical CPU devices configured before TensorFlow starts, and
+MultiWorkerMirroredStrategy needs one process per worker. The `processes`
+fixture kills with SIGKILL every child that a test leaves running, also when
+the test fails.
 """
 
 import json
 import os
+import signal
+import socket
 import subprocess
 import sys
+import time
 
+import numpy as np
 import pytest
 
 SCRIPTS = os.path.join(os.path.dirname(__file__), "scripts")
 
-# Upper bound on how long one training process may run. The slowest measured
-# run took about 25 seconds on 2 CPU cores shared with other jobs.
+# Upper bound on how long one training process may run. Each took 8 to 25
+# seconds on 2 CPU cores shared with other jobs.
 PROCESS_TIMEOUT = 80
+
+# How long a surviving worker may take to stop once its peer is gone. Measured
+# on 2 CPU cores: 1 to 4 seconds after a SIGKILL, because the peer's sockets
+# are reset at once, and 10 to 13 seconds after a SIGSTOP, because then only
+# the coordination service's missing heartbeats reveal the frozen peer.
+SURVIVOR_TIMEOUT = 45
+
+# Steps of the multi-worker training run whose weights are compared.
+TRAINING_STEPS = 5
+
+
+class Processes:
+    """Child processes started by one test, killed when the test ends."""
+
+    def __init__(self, tmp_path):
+        self.tmp_path = tmp_path
+        self.started = []
+
+    def start(self, command, name, env=None):
+        """Start `command`, with stdout and stderr in files named after `name`.
+
+        Each command starts a new process group, so that `kill_all` also
+        stops the processes that the command starts itself.
+        """
+        stdout = open(self.tmp_path / f"{name}.out", "w")
+        stderr = open(self.tmp_path / f"{name}.err", "w")
+        process = subprocess.Popen(
+            command,
+            stdout=stdout,
+            stderr=stderr,
+            env={**os.environ, **(env or {})},
+            start_new_session=True,
+        )
+        process.name = name
+        process.log_files = (stdout, stderr)
+        self.started.append(process)
+        return process
+
+    def output(self, process):
+        return (self.tmp_path / f"{process.name}.out").read_text()
+
+    def errors(self, process):
+        return (self.tmp_path / f"{process.name}.err").read_text()
+
+    def wait_for_output(self, process, text, timeout):
+        """Wait until `process` prints a line equal to `text`."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if text in self.output(process).splitlines():
+                return
+            if process.poll() is not None:
+                pytest.fail(
+                    f"{process.name} exited with {process.returncode} before "
+                    f"printing {text!r}:\n{self.errors(process)[-3000:]}"
+                )
+            time.sleep(0.2)
+        pytest.fail(f"{process.name} did not print {text!r} in {timeout} s.")
+
+    def kill_all(self):
+        for process in self.started:
+            try:
+                # The group's id is the id of the process that leads it.
+                os.killpg(process.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass  # The whole group has exited.
+            process.wait()
+            for file in process.log_files:
+                file.close()
+
+
+@pytest.fixture
+def processes(tmp_path):
+    started = Processes(tmp_path)
+    yield started
+    started.kill_all()
+
+
+def free_loopback_ports(count):
+    """Return `count` distinct TCP ports that are free on 127.0.0.1."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def start_workers(processes, script_args, num_workers=2):
+    """Start one multi_worker_training.py process per worker, on loopback."""
+    addresses = [f"127.0.0.1:{port}" for port in free_loopback_ports(num_workers)]
+    workers = []
+    for index in range(num_workers):
+        tf_config = {
+            "cluster": {"worker": addresses},
+            "task": {"type": "worker", "index": index},
+        }
+        output = processes.tmp_path / f"worker{index}.npz"
+        command = [
+            sys.executable,
+            os.path.join(SCRIPTS, "multi_worker_training.py"),
+            str(output),
+            *script_args,
+        ]
+        worker = processes.start(
+            command,
+            f"worker{index}",
+            env={"TF_CONFIG": json.dumps(tf_config)},
+        )
+        worker.weights_file = output
+        workers.append(worker)
+    return workers
 
 
 @pytest.fixture(scope="module")
@@ -77,3 +197,96 @@ def test_adapters_added_in_scope_are_mirrored(scope_cases):
         "/job:localhost/replica:0/task:0/device:CPU:1",
     ]
     assert case["max_training_change"] > 1e-6
+
+
+@pytest.fixture(scope="module")
+def single_device_weights():
+    """Train the workers' model on one device, on the same global batches."""
+    sys.path.insert(0, SCRIPTS)
+    try:
+        import multi_worker_training
+    finally:
+        sys.path.remove(SCRIPTS)
+    model = multi_worker_training.make_model()
+    model.fit(
+        multi_worker_training.make_dataset(),
+        steps_per_epoch=TRAINING_STEPS,
+        epochs=1,
+        verbose=0,
+    )
+    return multi_worker_training.trainable_values(model)
+
+
+def test_multi_worker_weights_agree(processes, single_device_weights):
+    workers = start_workers(processes, [f"--steps={TRAINING_STEPS}"])
+    for worker in workers:
+        returncode = worker.wait(timeout=PROCESS_TIMEOUT)
+        assert returncode == 0, processes.errors(worker)[-3000:]
+    first, second = (np.load(worker.weights_file) for worker in workers)
+
+    trained_keys = sorted(key for key in first if key.startswith("trained/"))
+    assert trained_keys == sorted(k for k in second if k.startswith("trained/"))
+    adapter_keys = [key for key in trained_keys if "/adapter/" in key]
+    # 2 blocks x 2 placements x 4 weights (two kernels, two biases).
+    assert len(adapter_keys) == 16
+    for key in trained_keys:
+        # Both workers apply the same all-reduced gradients to the same
+        # initial values, so they agree bit for bit.
+        np.testing.assert_array_equal(first[key], second[key], err_msg=key)
+    change = max(
+        np.abs(first[key] - first[key.replace("trained/", "initial/", 1)]).max()
+        for key in adapter_keys
+    )
+    assert change > 1e-5
+    for key in trained_keys:
+        # Two workers each reduce half the global batch, so the gradients
+        # differ from one device's only by float32 summation order.
+        path = key[len("trained/") :]
+        np.testing.assert_allclose(
+            first[key], single_device_weights[path], atol=1e-5, err_msg=key
+        )
+
+
+@pytest.mark.parametrize("victim", [0, 1])
+def test_killed_worker_stops_survivor(processes, victim):
+    workers = start_workers(processes, ["--steps=100000", "--step-delay=0.2"])
+    for worker in workers:
+        processes.wait_for_output(worker, "step 3", timeout=PROCESS_TIMEOUT)
+    survivor = workers[1 - victim]
+
+    workers[victim].send_signal(signal.SIGKILL)
+    start = time.monotonic()
+    try:
+        returncode = survivor.wait(timeout=SURVIVOR_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"The surviving worker still ran after {SURVIVOR_TIMEOUT} s.")
+    seconds = time.monotonic() - start
+
+    # An uncaught Python exception exits with 1, and a signal would give a
+    # negative code.
+    assert returncode == 1, processes.errors(survivor)[-3000:]
+    assert "Collective ops is aborted" in processes.errors(survivor)
+    print(f"survivor of worker {victim}'s SIGKILL stopped after {seconds:.1f} s")
+
+
+def test_frozen_worker_stops_survivor(processes):
+    workers = start_workers(processes, ["--steps=100000", "--step-delay=0.2"])
+    for worker in workers:
+        processes.wait_for_output(worker, "step 3", timeout=PROCESS_TIMEOUT)
+    # Worker 0 hosts the coordination service. SIGSTOP freezes it with its
+    # sockets open, like a hung machine, so only its missing heartbeats
+    # reveal the failure.
+    frozen, survivor = workers
+
+    frozen.send_signal(signal.SIGSTOP)
+    start = time.monotonic()
+    try:
+        returncode = survivor.wait(timeout=SURVIVOR_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"The surviving worker still ran after {SURVIVOR_TIMEOUT} s.")
+    seconds = time.monotonic() - start
+
+    assert returncode == 1, processes.errors(survivor)[-3000:]
+    assert "Heartbeat" in processes.errors(survivor)
+    print(f"survivor of worker 0's SIGSTOP stopped after {seconds:.1f} s")
+
