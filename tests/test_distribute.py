@@ -290,3 +290,75 @@ def test_frozen_worker_stops_survivor(processes):
     assert "Heartbeat" in processes.errors(survivor)
     print(f"survivor of worker 0's SIGSTOP stopped after {seconds:.1f} s")
 
+
+EXAMPLE = os.path.join(
+    os.path.dirname(__file__), os.pardir, "examples", "multi_worker_training.py"
+)
+
+
+def save_tiny_preset(path):
+    """Save a tiny BERT classifier preset, with a vocabulary of common words."""
+    import keras
+    import keras_hub
+
+    words = "the a an and of to is it in that film movie good bad not this"
+    vocabulary = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words.split()]
+    keras.utils.set_random_seed(0)
+    backbone = keras_hub.models.BertBackbone(
+        vocabulary_size=len(vocabulary),
+        num_layers=2,
+        num_heads=2,
+        hidden_dim=16,
+        intermediate_dim=32,
+        max_sequence_length=16,
+    )
+    preprocessor = keras_hub.models.BertTextClassifierPreprocessor(
+        keras_hub.models.BertTokenizer(vocabulary=vocabulary),
+        sequence_length=16,
+    )
+    classifier = keras_hub.models.BertTextClassifier(
+        backbone=backbone, num_classes=2, preprocessor=preprocessor
+    )
+    classifier.save_to_preset(str(path))
+    return path
+
+
+def test_multi_worker_example_runs(processes):
+    # The example on two local workers, with a tiny preset in place of
+    # all-MiniLM-L6-v2 to keep the test short.
+    preset = save_tiny_preset(processes.tmp_path / "preset")
+    output_dir = processes.tmp_path / "output"
+    command = [
+        sys.executable,
+        EXAMPLE,
+        "--local-workers=2",
+        f"--preset={preset}",
+        "--max-train-examples=64",
+        "--max-test-examples=32",
+        "--batch-size=16",
+        "--sequence-length=16",
+        "--bottleneck-size=4",
+        f"--data-dir={processes.tmp_path / 'tensorflow_datasets'}",
+        f"--output-dir={output_dir}",
+    ]
+    launcher = processes.start(command, "launcher")
+    returncode = launcher.wait(timeout=PROCESS_TIMEOUT)
+    assert returncode == 0, processes.errors(launcher)[-3000:]
+
+    summary = json.loads(processes.output(launcher).strip().splitlines()[-1])
+    assert summary["num_replicas"] == 2
+    assert summary["train_steps"] == 4
+    assert summary["test_examples"] == 32
+    assert 0.0 <= summary["accuracy"] <= 1.0
+    assert os.path.dirname(summary["adapter_file"]) == str(output_dir)
+
+    # Worker 0's file loads into a fresh model built from the same preset.
+    import keras_hub
+
+    import keras_adapters
+
+    fresh = keras_hub.models.BertTextClassifier.from_preset(
+        str(preset), num_classes=2, preprocessor=None
+    )
+    keras_adapters.load_adapters(fresh, summary["adapter_file"])
+    assert keras_adapters.adapter_names(fresh) == ["sentiment"]
