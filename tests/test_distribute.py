@@ -291,6 +291,112 @@ def test_frozen_worker_stops_survivor(processes):
     print(f"survivor of worker 0's SIGSTOP stopped after {seconds:.1f} s")
 
 
+def run_backup_script(processes, name, args):
+    """Run backup_and_restore_training.py to its end and return the process."""
+    output = processes.tmp_path / f"{name}.npz"
+    command = [
+        sys.executable,
+        os.path.join(SCRIPTS, "backup_and_restore_training.py"),
+        str(output),
+        *args,
+    ]
+    process = processes.start(command, name)
+    process.wait(timeout=PROCESS_TIMEOUT)
+    process.weights_file = output
+    return process
+
+
+def progress_of(processes, process):
+    """Return the JSON object that a finished run printed last."""
+    assert process.returncode == 0, processes.errors(process)[-3000:]
+    return json.loads(processes.output(process).strip().splitlines()[-1])
+
+
+def max_difference(path, other_path):
+    first, second = np.load(path), np.load(other_path)
+    assert sorted(first) == sorted(second)
+    return max(float(np.abs(first[key] - second[key]).max()) for key in first)
+
+
+# The run is killed right after its 13th step: step 5 of epoch 1, with 8 steps
+# per epoch and 3 epochs.
+KILL_AT_STEP = 13
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_weights(tmp_path_factory):
+    """Train without interruption and return the path of the weights file."""
+    folder = tmp_path_factory.mktemp("uninterrupted")
+    output = folder / "weights.npz"
+    command = [
+        sys.executable,
+        os.path.join(SCRIPTS, "backup_and_restore_training.py"),
+        str(output),
+        "--backup-dir",
+        str(folder / "backup"),
+    ]
+    # subprocess.run kills the child if the timeout expires.
+    result = subprocess.run(
+        command, capture_output=True, text=True, timeout=PROCESS_TIMEOUT, check=False
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    progress = json.loads(result.stdout.strip().splitlines()[-1])
+    assert progress == {"epochs_started": [0, 1, 2], "steps": 24}
+    return output
+
+
+def test_backup_restore_mid_epoch(processes, uninterrupted_weights):
+    # NOTE: Keras 3.15's BackupAndRestore cannot resume mid-epoch. With an
+    # integer save_freq it records the epoch and batch of each backup. On
+    # restart it restores the weights and optimizer state, but it never reads
+    # the batch and runs the interrupted epoch again from its first batch.
+    # The steps of that epoch before the backup run twice.
+    backup_dir = processes.tmp_path / "backup"
+    args = ["--backup-dir", str(backup_dir), "--save-freq=3"]
+
+    killed = run_backup_script(
+        processes, "killed", [*args, f"--kill-at-step={KILL_AT_STEP}"]
+    )
+    assert killed.returncode == -signal.SIGKILL, processes.errors(killed)[-3000:]
+    # Backups after steps 3, 6, 9 and 12: the last after 4 steps of epoch 1.
+    metadata = json.loads((backup_dir / "training_metadata.json").read_text())
+    assert metadata == {"epoch": 1, "batch": 3}
+
+    resumed = run_backup_script(processes, "resumed", args)
+    assert progress_of(processes, resumed) == {"epochs_started": [1, 2], "steps": 16}
+
+    replay = run_backup_script(
+        processes, "replay", ["--replay-epoch=1", "--replay-steps=4"]
+    )
+    assert progress_of(processes, replay)["steps"] == 28
+    # Same steps from the same state on the same device: measured 0.0.
+    assert max_difference(resumed.weights_file, replay.weights_file) <= 1e-6
+    # The 4 repeated steps move the weights: measured 0.052.
+    difference = max_difference(resumed.weights_file, uninterrupted_weights)
+    assert difference > 1e-3
+
+
+def test_backup_restore_epoch_end(processes, uninterrupted_weights):
+    # With save_freq="epoch", the backup at the end of epoch 0 records that
+    # epoch 1 comes next, so the resumed run computes exactly the steps that
+    # the uninterrupted run computed after it.
+    backup_dir = processes.tmp_path / "backup"
+    args = ["--backup-dir", str(backup_dir), "--save-freq=epoch"]
+
+    killed = run_backup_script(
+        processes, "killed", [*args, f"--kill-at-step={KILL_AT_STEP}"]
+    )
+    assert killed.returncode == -signal.SIGKILL, processes.errors(killed)[-3000:]
+    metadata = json.loads((backup_dir / "training_metadata.json").read_text())
+    assert metadata["epoch"] == 1
+
+    resumed = run_backup_script(processes, "resumed", args)
+    assert progress_of(processes, resumed) == {"epochs_started": [1, 2], "steps": 16}
+    # Measured 0.0.
+    difference = max_difference(resumed.weights_file, uninterrupted_weights)
+    assert difference <= 1e-6
+
+
 EXAMPLE = os.path.join(
     os.path.dirname(__file__), os.pardir, "examples", "multi_worker_training.py"
 )
