@@ -35,7 +35,8 @@ When a worker's process dies, its peers' connections to it are reset and
 their collective operations fail at once. When a worker stops responding
 with its connections open, the coordination service that TensorFlow 2.21's
 MultiWorkerMirroredStrategy starts notices its missing heartbeats and
-aborts the others' collective operations, in about 10 seconds on loopback.
+aborts the others' collective operations, in 10 to 13 seconds in the tests,
+on loopback.
 Restart all workers to train again from the start.
 """
 

@@ -107,8 +107,8 @@ def main(argv=None):
     # debugging aid that starts one thread per collective. A lost peer is
     # found without it. A killed worker's sockets are reset at once, and
     # TensorFlow 2.21's strategy starts a coordination service whose missing
-    # heartbeats abort the collectives of a frozen worker's peers, in about
-    # 10 seconds as measured by the tests.
+    # heartbeats abort the collectives of a frozen worker's peers, in 10 to
+    # 13 seconds in the tests.
     strategy = tf.distribute.MultiWorkerMirroredStrategy()
     with strategy.scope():
         model = make_model()
