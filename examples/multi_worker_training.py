@@ -87,6 +87,16 @@ def positive_int(text):
     return value
 
 
+def non_negative_int(text):
+    """Parse a command-line value that must be an integer of 0 or more."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(
+            f"must be 0 or a positive integer, received {value}"
+        )
+    return value
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
@@ -94,7 +104,7 @@ def parse_args(argv=None):
     )
     parser.add_argument(
         "--local-workers",
-        type=int,
+        type=non_negative_int,
         default=0,
         help="Start this many workers as local processes on 127.0.0.1 and "
         "wait for them. With 0, run as the worker that TF_CONFIG names.",
