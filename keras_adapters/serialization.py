@@ -16,6 +16,9 @@ model. Keras loads the weights only after `from_config` returns, so every
 adapter weight in the file finds its variable. `keras.models.load_model`
 needs no `custom_objects`, as long as `keras_adapters` has been imported.
 
+The subclass also adds the `tf.distribute` checks and workarounds of
+`keras_adapters.distribute` to `compile`, `fit` and the train and test steps.
+
 We chose the class swap over rewriting the blocks' configs because keras-hub
 backbones do not serialize their blocks at all. It leaves keras-hub's
 classes untouched, and `isinstance` checks against them still hold.
@@ -23,6 +26,8 @@ classes untouched, and `isinstance` checks against them still hold.
 
 import keras
 from keras.src.saving import object_registration
+
+from keras_adapters import distribute
 
 PACKAGE = "keras_adapters"
 REGISTERED_NAME = f"{PACKAGE}>AdaptedModel"
@@ -103,6 +108,7 @@ def _adapted_class(cls):
             "__module__": __name__,
             "__qualname__": cls.__qualname__,
             "get_config": get_config,
+            **distribute.strategy_methods(cls),
         },
     )
     # NOTE: Keras 3.15 offers no public way to map a class to a registered
