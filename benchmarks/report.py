@@ -53,7 +53,7 @@ def gpu_note(machine):
     """State whether this run measured GPU ratios, as a Markdown paragraph."""
     if not machine["gpus"]:
         return (
-            "GPU ratios were not measured, because TensorFlow saw no GPU on "
+            "GPU ratios were not measured, because TensorFlow found no GPU on "
             'this machine (`tf.config.list_physical_devices("GPU")` returned '
             "an empty list). Every time on this page is a CPU time."
         )
