@@ -1606,9 +1606,10 @@ def format_report(results):
         f"{settings['sequence_length']} (every timed batch padded to it), "
         f"bottleneck size {settings['bottleneck_size']}, AdapterDrop without "
         f"adapters in the lowest {settings['skip_blocks']} blocks{lora}. "
-        f"Rounds: {settings['rounds']}, each "
-        f"with {settings['steps']} timed training steps and "
-        f"{settings['inference_steps']} timed inference batches per method. "
+        f"Rounds: {settings['rounds']}, each with "
+        f"{plural(settings['steps'], 'timed training step')} and "
+        f"{plural(settings['inference_steps'], 'timed inference batch', 'timed inference batches')} "
+        "per method. "
         f"Untimed warm-up steps after the traced first call: {settings['warmup']}.",
         "",
         "This machine is shared with other jobs, so absolute times are noisy. "
@@ -1692,8 +1693,11 @@ def step_time_entries(training, settings):
     ]
 
 
-def plural(count, noun):
-    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
+def plural(count, noun, plural_noun=None):
+    """Return the count with the noun in the singular or plural."""
+    if count == 1:
+        return f"{count} {noun}"
+    return f"{count} {plural_noun or noun + 's'}"
 
 
 def print_results(results):
