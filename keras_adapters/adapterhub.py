@@ -485,19 +485,9 @@ def _adapter_variables(model, name, backbone):
 
 
 def _check_shapes(targets, values, directory):
-    problems = []
-    for key in sorted(set(targets) - set(values)):
-        problems.append(f"missing from the file: {key}")
-    for key in sorted(set(values) - set(targets)):
-        problems.append(f"not in the model: {key}")
-    for key in sorted(set(targets) & set(values)):
-        expected = tuple(targets[key].shape)
-        received = tuple(values[key].shape)
-        if expected != received:
-            problems.append(
-                f"shape mismatch for {key}: the model has {expected}, the "
-                f"file has {received} (transposed to the Keras layout)"
-            )
+    problems = persistence.tensor_problems(
+        targets, values, shape_note=" (transposed to the Keras layout)"
+    )
     _raise_problems(problems, directory)
 
 

@@ -269,7 +269,12 @@ def _check_base_model(model, config, path):
             )
 
 
-def _check_tensors(targets, tensors, path):
+def tensor_problems(targets, tensors, shape_note=""):
+    """Return the problems that keep `tensors` from loading into `targets`.
+
+    `targets` maps keys to model variables and `tensors` keys to arrays
+    read from a file. `shape_note` is appended to each shape mismatch.
+    """
     problems = []
     for key in sorted(set(targets) - set(tensors)):
         problems.append(f"missing from the file: {key}")
@@ -281,8 +286,13 @@ def _check_tensors(targets, tensors, path):
         if expected != received:
             problems.append(
                 f"shape mismatch for {key}: the model has {expected}, the "
-                f"file has {received}"
+                f"file has {received}{shape_note}"
             )
+    return problems
+
+
+def _check_tensors(targets, tensors, path):
+    problems = tensor_problems(targets, tensors)
     if problems:
         shown = "\n  ".join(problems[:10])
         more = len(problems) - 10
