@@ -22,9 +22,9 @@ def add_fusion(model, adapter_names, name=None, temperature=1.0):
 
     In every branch that has all of `adapter_names`, an `AdapterFusion`
     layer learns an attention over the adapters' outputs. The fusion is
-    made the only active entry, so the fused adapters run inside it and
-    stay frozen, and only the fusion weights train, with the layer norms and
-    head as the model's adapter settings say.
+    made the only active entry, so the fused adapters run inside it and stay
+    frozen. The fusion weights train, and the layer norms and head train
+    when the model's adapter settings enable them.
 
     Args:
         model: a model that has the adapters in `adapter_names`.

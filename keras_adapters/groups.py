@@ -2,8 +2,8 @@
 
 Every weight of an adapted model belongs to at most one group: the active
 adapters and fusions, the backbone's layer norms, or the task head. The
-model's recorded adapter settings say which groups train; all other weights
-are frozen.
+model's recorded adapter settings decide which groups train, and all other
+weights are frozen.
 """
 
 import dataclasses

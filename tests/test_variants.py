@@ -245,8 +245,8 @@ def test_unknown_config_name_raises():
 
 
 def test_parallel_reads_branch_input():
-    # A parallel adapter on the feed-forward branch must see what the
-    # branch's first dense layer sees, not the branch output.
+    # A parallel adapter on the feed-forward branch must read the
+    # input of the branch's first dense layer, not the branch output.
     model = make_classifier("bert")
     keras_adapters.add_adapters(model, config="parallel", bottleneck_size=4)
     backbone = keras_adapters.rewriting.find_backbone(model)
