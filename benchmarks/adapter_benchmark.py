@@ -257,8 +257,11 @@ def build_parser():
     parser.add_argument(
         "--bottleneck-size",
         type=positive_int,
-        default=64,
-        help="adapter bottleneck size r (default: 64)",
+        default=None,
+        help=(
+            "adapter bottleneck size r (default: the package's default, the "
+            "hidden size divided by 16, which is 24 for MiniLM)"
+        ),
     )
 
     parser.add_argument(
@@ -676,6 +679,10 @@ def build_models(args):
             continue
         logger.info("Loading the model for %s.", method)
         models[method] = build_model(method, args)
+        if method == ADAPTER_METHOD and args.bottleneck_size is None:
+            # Later models, the memory workers and the accuracy phase use
+            # the size that the package's default gave this model.
+            args.bottleneck_size = adapter_bottleneck_size(models[method])
 
     if LORA_METHOD in training_methods(args):
         lora_match = set_lora_rank(args, models[ADAPTER_METHOD])
@@ -687,6 +694,12 @@ def build_models(args):
 
     ordered = {method: models[method] for method in training_methods(args)}
     return ordered, lora_match
+
+
+def adapter_bottleneck_size(model):
+    """Return the bottleneck size of the adapters in `model`."""
+    _, adapter = next(keras_adapters.rewriting.iter_adapters(model, ADAPTER_NAME))
+    return int(adapter.down_kernel.shape[-1])
 
 
 def set_lora_rank(args, houlsby_model):
@@ -872,13 +885,15 @@ def estimate_matmul_ratios(backbone, sequence_length, bottleneck_size, skip_bloc
     optimizer. A projection with a frozen weight needs one product in the
     backward pass (the input gradient); a trainable one needs two. Attention
     scores and the weighted sum of values have no weights and need two
-    products each. With adapters, the backward pass runs through every
-    block, down to the embedding layer norm, because layer norms train. In
-    head-only training no gradient enters the blocks.
+    products each. In head-only training no gradient enters the blocks.
 
-    AdapterDrop runs the backward pass through the adapted blocks only. In
-    the lowest adapted block it ends at the attention adapter, so that block
-    adds only its feed-forward input gradients and its adapters' products.
+    With adapters, the backward pass runs through every block above the
+    lowest adapted one. Nothing below that block trains, the embeddings'
+    layer norm included, so in that block it ends at the attention adapter
+    and adds only its feed-forward input gradients and its adapters'
+    products. With Pfeiffer placement it still runs through that block's
+    feed-forward branch, to reach the layer norm below it. AdapterDrop
+    leaves the lowest `skip_blocks` blocks out of the backward pass.
 
     Keras's LoRA adds `A · B` to the frozen kernel before each call, so the
     backward pass computes the gradient of the whole query and value kernels
@@ -893,7 +908,6 @@ def estimate_matmul_ratios(backbone, sequence_length, bottleneck_size, skip_bloc
     attention = 2 * sequence_length * hidden
     adapter = 2 * hidden * bottleneck_size
     blocks = backbone.num_layers
-    adapters_per_block = {"houlsby": 2, "pfeiffer": 1}
 
     forward = projections + attention
     full_training = 3 * forward
@@ -901,25 +915,23 @@ def estimate_matmul_ratios(backbone, sequence_length, bottleneck_size, skip_bloc
         "full": {"training": 1.0, "inference": 1.0},
         "head_only": {"training": forward / full_training, "inference": 1.0},
     }
-    for method, count in adapters_per_block.items():
-        adapters = count * adapter
-        training = (forward + adapters) + (projections + 2 * attention + 2 * adapters)
-        estimates[method] = {
-            "training": training / full_training,
-            "inference": (forward + adapters) / forward,
-        }
-
-    adapted = blocks - min(skip_blocks, blocks)
-    adapters = adapters_per_block["houlsby"] * adapter
-    forward_pass = blocks * forward + adapted * adapters
-    backward_pass = 0
-    if adapted:
-        backward_pass = (adapted - 1) * (projections + 2 * attention + 2 * adapters)
-        backward_pass += feedforward + 2 * adapters
-    estimates["adapterdrop"] = {
-        "training": (forward_pass + backward_pass) / (blocks * full_training),
-        "inference": forward_pass / (blocks * forward),
+    adapted_methods = {
+        "houlsby": (2, 0),
+        "pfeiffer": (1, 0),
+        "adapterdrop": (2, min(skip_blocks, blocks)),
     }
+    for method, (count, skipped) in adapted_methods.items():
+        adapters = count * adapter
+        adapted = blocks - skipped
+        forward_pass = blocks * forward + adapted * adapters
+        backward_pass = 0
+        if adapted:
+            backward_pass = (adapted - 1) * (projections + 2 * attention + 2 * adapters)
+            backward_pass += feedforward + 2 * adapters
+        estimates[method] = {
+            "training": (forward_pass + backward_pass) / (blocks * full_training),
+            "inference": forward_pass / (blocks * forward),
+        }
 
     lora_backward = projections + 2 * attention + 2 * hidden * hidden
     lowest_block_saving = 3 * hidden * hidden + sequence_length * hidden

@@ -78,9 +78,12 @@ def weight_groups(model):
 
     Active fusions count as adapters, and the adapters they fuse do not.
     Inactive adapters, frozen weights and the layer norms below the lowest
-    block with active adapters are left out of the map. Those layer norms
-    are left out only when that block is not the first one, so that
-    backpropagation can stop there, as AdapterDrop intends.
+    block with active adapters are left out of the map, so that
+    backpropagation can stop at that block. With adapters in the first
+    block, this leaves out the embeddings' layer norm: training it would
+    take a backward pass through the first block's attention for a few
+    hundred weights. With AdapterDrop, it also leaves out the layer norms
+    of the skipped blocks.
     """
     backbone = rewriting.find_backbone(model)
     below = _layers_below_adapters(model)
@@ -158,9 +161,9 @@ def _active_adapters(wrapper):
 def _layers_below_adapters(model):
     """Return the ids of the layers below the lowest block with adapters.
 
-    Empty when the first block has active adapters. The layers are those
-    of the blocks below it and the backbone's own layers that its graph
-    runs before that block, such as the embeddings and their layer norm.
+    The layers are those of the blocks below it and the backbone's own
+    layers that its graph runs before that block, such as the embeddings
+    and their layer norm. Empty when no block has active adapters.
     """
     blocks = rewriting.find_blocks(model)
     lowest = None
@@ -168,7 +171,7 @@ def _layers_below_adapters(model):
         if any(_active_adapters(w) for _, w in rewriting._wrappers_of(block)):
             lowest = index
             break
-    if not lowest:
+    if lowest is None:
         return set()
 
     below = set()

@@ -37,8 +37,10 @@ def save_adapters(model, path, name=None, preset=None):
     """Save the adapters called `name`, and what else trained, to `path`.
 
     The file contains the adapters' weights and, when they were trained, the
-    backbone's layer norms and the task head. The frozen backbone weights are
-    not saved. The file is written to a temporary file beside `path` and
+    backbone's layer norms and the task head. It holds every layer norm of
+    the backbone, also the frozen ones below the lowest adapted block, so
+    that it loads the same whichever other adapters are active. The other
+    frozen backbone weights are not saved. The file is written to a temporary file beside `path` and
     then renamed, so a failed save never leaves a partial file at `path` or
     replaces a good one.
 

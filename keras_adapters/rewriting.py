@@ -83,7 +83,10 @@ def add_adapters(
         config: a `keras_adapters.AdapterConfig`, or the name of a variant:
             `"houlsby"` (the default), `"pfeiffer"` or `"parallel"`.
         train_adapters: bool. Whether the new adapters train.
-        train_layer_norms: bool. Whether the backbone's layer norms train.
+        train_layer_norms: bool. Whether the layer norms of the blocks with
+            adapters, and those above them, train. The layer norms below
+            the lowest adapted block, such as the embeddings' layer norm,
+            stay frozen, so that the backward pass stops at that block.
         train_head: bool. Whether the task head and the backbone's pooler
             train.
         print_summary: bool. Print the parameter counts. They are logged at

@@ -2,6 +2,7 @@
 
 import os
 import sys
+import types
 
 import pytest
 
@@ -90,3 +91,27 @@ def test_quick_overridden_by_explicit_option():
     assert args.rounds == 2
     assert args.steps == adapter_benchmark.QUICK_SETTINGS["steps"]
     assert not args.memory
+
+
+def test_matmul_estimate_of_adapter_methods():
+    backbone = types.SimpleNamespace(hidden_dim=8, intermediate_dim=32, num_layers=4)
+
+    estimates = adapter_benchmark.estimate_matmul_ratios(
+        backbone, sequence_length=4, bottleneck_size=2, skip_blocks=0
+    )
+    fewer_adapters = adapter_benchmark.estimate_matmul_ratios(
+        backbone, sequence_length=4, bottleneck_size=2, skip_blocks=2
+    )
+
+    # Per token: projections 4·8·8 + 2·8·32 = 768, attention 2·4·8 = 64,
+    # one adapter 2·8·2 = 32. The backward pass skips the lowest block's
+    # attention branch: 3 blocks of 768 + 2·64 + 4·32, then 512 + 4·32.
+    forward = 4 * (768 + 64 + 2 * 32)
+    backward = 3 * (768 + 2 * 64 + 4 * 32) + 512 + 4 * 32
+    expected = (forward + backward) / (4 * 3 * (768 + 64))
+    assert estimates["houlsby"]["training"] == pytest.approx(expected)
+    assert estimates["adapterdrop"] == estimates["houlsby"]
+    assert fewer_adapters["adapterdrop"]["training"] < expected
+    assert estimates["houlsby"]["inference"] == pytest.approx(
+        (768 + 64 + 64) / (768 + 64)
+    )

@@ -56,18 +56,24 @@ def test_round_trip_into_fresh_model(family, tmp_path):
     )
 
 
-def test_file_holds_only_trained_weights(tmp_path):
+def test_file_holds_trained_weights_and_layer_norms(tmp_path):
     trained = _trained_classifier()
     path = keras_adapters.save_adapters(trained, tmp_path / "task.safetensors")
 
     with safe_open(path, framework="np") as file:
         keys = set(file.keys())
     trainable_size = keras_adapters.count_parameters(trained).trainable
+    # The file holds every layer norm of the backbone, so that it does not
+    # depend on which adapters were active. The embeddings' layer norm is
+    # the only frozen one.
+    embeddings_norm = trained.backbone.get_layer("embeddings_layer_norm")
+    frozen_size = sum(int(np.prod(w.shape)) for w in embeddings_norm.weights)
     saved_size = 0
     with safe_open(path, framework="np") as file:
         for key in keys:
             saved_size += file.get_tensor(key).size
-    assert saved_size == trainable_size
+    assert saved_size == trainable_size + frozen_size
+    assert "layer_norms/backbone/embeddings_layer_norm/gamma" in keys
     assert "adapters/backbone/transformer_layer_0/attention/down_kernel" in keys
     assert "layer_norms/backbone/transformer_layer_1/feedforward_layer_norm/gamma" in keys
     assert "head/backbone/pooled_dense/kernel" in keys

@@ -82,8 +82,8 @@ def test_trainable_fraction():
 
     per_adapter = 2 * HIDDEN_SIZE * BOTTLENECK_SIZE + HIDDEN_SIZE + BOTTLENECK_SIZE
     assert counts.adapters == 2 * NUM_LAYERS * per_adapter
-    # 13 layer norms: the embeddings' and two in each block.
-    assert counts.layer_norms == 13 * 2 * HIDDEN_SIZE
+    # Two layer norms in each block. The embeddings' layer norm stays frozen.
+    assert counts.layer_norms == NUM_LAYERS * 2 * 2 * HIDDEN_SIZE
     # The pooler and the 2-class output layer.
     assert counts.head == (HIDDEN_SIZE + 1) * HIDDEN_SIZE + (HIDDEN_SIZE + 1) * 2
     assert counts.trainable_fraction < 0.05

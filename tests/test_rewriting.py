@@ -1,3 +1,5 @@
+import itertools
+
 import keras
 import keras_hub
 import numpy as np
@@ -32,10 +34,16 @@ def _size(weights):
 
 
 def _layer_norm_weights(model):
+    """Return the weights of the layer norms in the blocks and above them."""
     backbone = keras_adapters.rewriting.find_backbone(model)
+    first_block = keras_adapters.rewriting.find_blocks(model)[0][1]
+    from_first_block = itertools.dropwhile(
+        lambda layer: layer is not first_block, backbone.layers
+    )
     return [
         weight
-        for layer in backbone._flatten_layers()
+        for top_layer in from_first_block
+        for layer in top_layer._flatten_layers()
         if isinstance(layer, keras.layers.LayerNormalization)
         for weight in layer.weights
     ]

@@ -329,3 +329,25 @@ def test_adapter_drop_stops_backpropagation(skip_blocks, reaches_first_block):
     assert any("transformer_layer_1" in name for name in names)
     in_first_block = any("transformer_layer_0" in name for name in names)
     assert in_first_block == reaches_first_block
+
+
+@pytest.mark.parametrize("train_embeddings_norm", [False, True])
+def test_backpropagation_stops_at_the_first_adapter(train_embeddings_norm):
+    model = make_classifier("bert")
+    keras_adapters.add_adapters(model, bottleneck_size=BOTTLENECK_SIZE)
+    embeddings_norm = model.backbone.get_layer("embeddings_layer_norm")
+    assert not any(weight.trainable for weight in embeddings_norm.weights)
+    if train_embeddings_norm:
+        # What training the embeddings' layer norm would cost.
+        for weight in embeddings_norm.weights:
+            weight.trainable = True
+
+    names = _backward_op_names(model)
+
+    in_first_attention = any(
+        "transformer_layer_0" in name and "/self_attention_layer" in name
+        and "/self_attention_layer_norm" not in name
+        for name in names
+    )
+    assert in_first_attention == train_embeddings_norm
+    assert any("transformer_layer_0" in name for name in names)
