@@ -26,9 +26,9 @@ it on real batches of movie review sentences in one of these ways:
 
 - `full`: full fine-tuning, every weight trains.
 - `houlsby`: adapters on the attention and feed-forward branches of every
-  block (Houlsby et al., 2019), plus layer norms and head.
+  block (Houlsby et al., 2019), plus the blocks' layer norms and head.
 - `pfeiffer`: adapters on the feed-forward branch only (Pfeiffer et al.,
-  2021), plus layer norms and head.
+  2021), plus the blocks' layer norms and head.
 - `adapterdrop`: Houlsby adapters in all but the lowest `--skip-blocks`
   blocks (AdapterDrop, Rücklé et al., 2021). The layer norms of the skipped
   blocks and of the embeddings are frozen, so backpropagation stops at the
@@ -63,7 +63,8 @@ It measures, in one process:
    same `--train-examples` sentences in the same order for `--epochs`, with
    its own learning rate (`--full-learning-rate` for full fine-tuning,
    `--learning-rate` for the others), and is evaluated on the first
-   `--test-examples` sentences of the test split.
+   `--test-examples` sentences of the test split. `learning_rate_sweep.py`
+   compares learning rates on sentences held out from the train split.
 
 Peak memory (`--memory`, on by default) is measured afterwards, in a fresh
 subprocess per method, as the peak resident set size while training, and
