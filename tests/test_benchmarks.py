@@ -11,6 +11,7 @@ from conftest import make_classifier
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks"))
 
 import adapter_benchmark  # noqa: E402
+import learning_rate_sweep  # noqa: E402
 import report  # noqa: E402
 
 
@@ -115,3 +116,20 @@ def test_matmul_estimate_of_adapter_methods():
     assert estimates["houlsby"]["inference"] == pytest.approx(
         (768 + 64 + 64) / (768 + 64)
     )
+
+
+def test_sweep_needs_lora_rank_for_lora(capsys):
+    with pytest.raises(SystemExit):
+        learning_rate_sweep.main(["--method", "lora", "--learning-rates", "1e-3"])
+
+    assert "missing --lora-rank" in capsys.readouterr().err
+
+
+def test_sweep_takes_several_learning_rates():
+    args = learning_rate_sweep.build_parser().parse_args(
+        ["--method", "houlsby", "--learning-rates", "1e-3", "3e-3"]
+    )
+
+    assert args.learning_rates == [1e-3, 3e-3]
+    assert args.epochs == 3
+    assert args.bottleneck_size is None
