@@ -63,7 +63,7 @@ def test_file_holds_trained_weights_and_layer_norms(tmp_path):
     with safe_open(path, framework="np") as file:
         keys = set(file.keys())
     trainable_size = keras_adapters.count_parameters(trained).trainable
-    # The file holds every layer norm of the backbone, so that it does not
+    # The file contains every layer norm of the backbone, so that it does not
     # depend on which adapters were active. The embeddings' layer norm is
     # the only frozen one.
     embeddings_norm = trained.backbone.get_layer("embeddings_layer_norm")
