@@ -1,4 +1,4 @@
-"""Choose the accuracy phase's learning rates on sentences held out from training.
+"""Compare learning rates for the adapter benchmark on held-out training sentences.
 
 Usage:
 
@@ -12,6 +12,9 @@ sentences of the train split. After every epoch it reports the accuracy on
 the last 1,000 sentences of the train split, which the benchmark's test
 sentences are not part of, so choosing by these figures leaves the test
 split untouched. One run per rate: the figures show no spread between seeds.
+The model is all-MiniLM-L6-v2 as a two-class classifier. On 2 CPU cores, 3
+epochs took 6 to 7 minutes with adapters and 12 minutes with full fine-tuning,
+the latter while other jobs ran.
 """
 
 import argparse
@@ -38,7 +41,9 @@ BATCH_SIZE = 32
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument(
         "--method",
         choices=adapter_benchmark.METHOD_ORDER,
@@ -62,7 +67,10 @@ def build_parser():
         "--bottleneck-size",
         type=adapter_benchmark.positive_int,
         default=None,
-        help="adapter bottleneck size r (default: the package's default)",
+        help=(
+            "adapter bottleneck size r of the adapter methods (default: the "
+            "package's default, the hidden size divided by 16, 24 for MiniLM)"
+        ),
     )
     parser.add_argument(
         "--lora-rank",
@@ -73,7 +81,10 @@ def build_parser():
     parser.add_argument(
         "--output",
         metavar="PATH",
-        help="append one JSON line per learning rate to this file",
+        help=(
+            "also append one JSON line per learning rate to this file "
+            "(default: print the results only)"
+        ),
     )
     return parser
 

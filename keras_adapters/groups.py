@@ -124,7 +124,12 @@ def head_layers(model):
 
 
 def count_parameters(model):
-    """Return the `ParameterCounts` of `model`."""
+    """Count the parameters of `model`, in total and by training group.
+
+    Returns a `ParameterCounts`. Its `adapters`, `layer_norms` and `head`
+    fields count trainable weights only, so frozen layer norms, such as the
+    embeddings' layer norm, count in `total` but not in `layer_norms`.
+    """
     groups = weight_groups(model)
     totals = {"adapters": 0, "layer_norms": 0, "head": 0}
     trainable = 0
