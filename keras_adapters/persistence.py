@@ -37,12 +37,12 @@ def save_adapters(model, path, name=None, preset=None):
     """Save the adapters called `name`, and what else trained, to `path`.
 
     The file contains the adapters' weights and, when they were trained, the
-    backbone's layer norms and the task head. It holds every layer norm of
-    the backbone, also the frozen ones below the lowest adapted block, so
-    that it loads the same whichever other adapters are active. The other
-    frozen backbone weights are not saved. The file is written to a temporary file beside `path` and
-    then renamed, so a failed save never leaves a partial file at `path` or
-    replaces a good one.
+    backbone's layer norms and the task head. It contains every layer norm
+    of the backbone, also the frozen ones below the lowest adapted block,
+    so that it loads the same whichever other adapters are active. The
+    other frozen backbone weights are not saved. The file is written to a
+    temporary file beside `path` and then renamed, so a failed save never
+    leaves a partial file at `path` or replaces a good one.
 
     Args:
         model: a model adapted with `keras_adapters.add_adapters`.
