@@ -36,8 +36,11 @@ logger = logging.getLogger("learning_rate_sweep")
 
 TRAIN_SPLIT = "train[:6072]"
 VALIDATION_SPLIT = "train[6072:]"
-SEQUENCE_LENGTH = 64
-BATCH_SIZE = 32
+# The sweep uses the benchmark's default sequence length, batch size and
+# AdapterDrop setting, so its models train like the benchmark's.
+BENCHMARK_DEFAULTS = adapter_benchmark.build_parser().parse_args([])
+SEQUENCE_LENGTH = BENCHMARK_DEFAULTS.sequence_length
+BATCH_SIZE = BENCHMARK_DEFAULTS.batch_size
 
 
 def build_parser():
@@ -109,7 +112,7 @@ def sweep(args):
     # The benchmark's model setup reads these settings only.
     settings = argparse.Namespace(
         bottleneck_size=args.bottleneck_size,
-        skip_blocks=3,
+        skip_blocks=BENCHMARK_DEFAULTS.skip_blocks,
         lora_rank=args.lora_rank,
     )
     for rate in args.learning_rates:

@@ -170,3 +170,21 @@ def changed_weight_groups(model, before):
         else:
             assert np.array_equal(new_value, old_value), weight.path
     return changed_groups
+
+
+def layers_from_first_block(model):
+    """Return the backbone's top-level layers from its first block on.
+
+    The layer norms in these layers train beside adapters in every block.
+    Those that the graph runs before the first block, such as the
+    embeddings' layer norm, stay frozen.
+    """
+    import itertools
+
+    import keras_adapters
+
+    backbone = keras_adapters.rewriting.find_backbone(model)
+    first_block = keras_adapters.rewriting.find_blocks(model)[0][1]
+    return list(
+        itertools.dropwhile(lambda layer: layer is not first_block, backbone.layers)
+    )

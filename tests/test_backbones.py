@@ -5,7 +5,6 @@ counts as tested only when all of its tests here pass.
 """
 
 import inspect
-import itertools
 
 import keras
 import numpy as np
@@ -20,6 +19,7 @@ from backbones import case_id
 from backbones import make_backbone
 from backbones import make_inputs
 from conftest import changed_weight_groups
+from conftest import layers_from_first_block
 
 import keras_adapters
 from keras_adapters import rewriting
@@ -64,20 +64,12 @@ def _expected_num_adapters(case):
 
 
 def _norm_weights(backbone):
-    """Return the weights of the norms that train beside adapters in every block.
-
-    Those are the norms in and after the first block. The norms that the
-    graph runs before it, such as the embeddings' layer norm, stay frozen.
-    """
-    first_block = rewriting.find_blocks(backbone)[0][1]
-    from_first_block = itertools.dropwhile(
-        lambda layer: layer is not first_block, backbone.layers
-    )
+    """Return the weights of the norms in and after the first block."""
     # Found by class name, independently of the registry's list of classes:
     # every keras-hub text backbone names its norm classes "...Norm...".
     return [
         weight
-        for top_layer in from_first_block
+        for top_layer in layers_from_first_block(backbone)
         for layer in top_layer._flatten_layers()
         if "Norm" in type(layer).__name__
         for weight in layer.weights

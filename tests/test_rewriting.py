@@ -1,5 +1,3 @@
-import itertools
-
 import keras
 import keras_hub
 import numpy as np
@@ -8,6 +6,7 @@ from conftest import FAMILIES
 from conftest import HIDDEN_SIZE
 from conftest import changed_weight_groups
 from conftest import fit_briefly
+from conftest import layers_from_first_block
 from conftest import make_backbone
 from conftest import make_classifier
 from conftest import make_inputs
@@ -35,14 +34,9 @@ def _size(weights):
 
 def _layer_norm_weights(model):
     """Return the weights of the layer norms in the blocks and above them."""
-    backbone = keras_adapters.rewriting.find_backbone(model)
-    first_block = keras_adapters.rewriting.find_blocks(model)[0][1]
-    from_first_block = itertools.dropwhile(
-        lambda layer: layer is not first_block, backbone.layers
-    )
     return [
         weight
-        for top_layer in from_first_block
+        for top_layer in layers_from_first_block(model)
         for layer in top_layer._flatten_layers()
         if isinstance(layer, keras.layers.LayerNormalization)
         for weight in layer.weights
