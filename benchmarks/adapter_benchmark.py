@@ -8,10 +8,10 @@ python benchmarks/adapter_benchmark.py \
 ```
 
 For a quick check that everything runs, use `--quick`: one round of one
-step, no XLA, memory or profile phase, and 64 training and 64 held-out
-sentences. It took 6 minutes on 2 AMD EPYC cores shared with other jobs
-(load average about 4). Options given explicitly override those of
-`--quick`.
+step, no XLA, oneDNN comparison, memory or profile phase, one seed, and 64
+training and 64 held-out sentences. It took 6 minutes on 2 AMD EPYC cores
+shared with other jobs (load average about 4). Options given explicitly
+override those of `--quick`.
 
 The script needs the `examples` extra, which provides the all-MiniLM-L6-v2
 checkpoint and the movie review data, and the `benchmarks` extra for the
@@ -65,6 +65,12 @@ It measures, in one process:
    `--learning-rate` for the others), and is evaluated on the first
    `--test-examples` sentences of the test split. `learning_rate_sweep.py`
    compares learning rates on sentences held out from the train split.
+
+With `--onednn-comparison` (on by default), a subprocess times training and
+inference of full fine-tuning, Houlsby adapters and AdapterDrop again with
+TensorFlow's oneDNN kernels switched the other way. TensorFlow turns them
+on by default only on x86 CPUs with AVX-512 VNNI, AVX-512 BF16, AVX-VNNI or
+AMX, and `TF_ENABLE_ONEDNN_OPTS=0` or `1` overrides that for the main run.
 
 Peak memory (`--memory`, on by default) is measured afterwards, in a fresh
 subprocess per method, as the peak resident set size while training, and
@@ -125,6 +131,8 @@ ADAPTER_METHOD = "houlsby"
 ADAPTERDROP_METHOD = "adapterdrop"
 LORA_METHOD = "lora"
 CORE_METHODS = ("full", "houlsby", "adapterdrop")
+# The methods of the accuracy target, which train with several seeds.
+SEEDED_METHODS = ("full", "houlsby")
 EXTRA_METHODS = ("pfeiffer", "lora", "head_only")
 # The order of the rows in every table.
 METHOD_ORDER = ("full", "houlsby", "pfeiffer", "adapterdrop", "lora", "head_only")
@@ -159,10 +167,12 @@ QUICK_SETTINGS = {
     "inference_steps": 2,
     "warmup": 0,
     "xla": False,
+    "onednn_comparison": False,
     "memory": False,
     "profile": False,
     "train_examples": 64,
     "test_examples": 64,
+    "accuracy_seeds": 1,
 }
 
 MATMUL_OP_TYPES = ("MatMul", "BatchMatMulV2", "BatchMatMulV3", "_FusedMatMul", "Einsum")
@@ -203,7 +213,8 @@ def build_parser():
         action="store_true",
         help=(
             "smoke-test settings: one round of one step, 64 training and 64 "
-            "held-out sentences, no XLA, memory or profile phase"
+            "held-out sentences, one seed, no XLA, oneDNN comparison, memory "
+            "or profile phase"
         ),
     )
 
@@ -234,8 +245,8 @@ def build_parser():
     parser.add_argument(
         "--rounds",
         type=positive_int,
-        default=4,
-        help="rounds of interleaved timing; each round gives one ratio (default: 4)",
+        default=6,
+        help="rounds of interleaved timing; each round gives one ratio (default: 6)",
     )
 
     parser.add_argument(
@@ -299,6 +310,17 @@ def build_parser():
         help=(
             "time training and inference again with jit_compile=True "
             "(default: on)"
+        ),
+    )
+
+    parser.add_argument(
+        "--onednn-comparison",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help=(
+            "time full fine-tuning, Houlsby adapters and AdapterDrop again in "
+            "a subprocess with TensorFlow's oneDNN kernels switched the other "
+            "way through TF_ENABLE_ONEDNN_OPTS (default: on)"
         ),
     )
 
@@ -394,6 +416,17 @@ def build_parser():
     )
 
     parser.add_argument(
+        "--accuracy-seeds",
+        type=positive_int,
+        default=3,
+        help=(
+            "seeds that full fine-tuning and Houlsby adapters each train "
+            "with in the accuracy phase, from --seed up; the other methods "
+            "train with --seed only (default: 3)"
+        ),
+    )
+
+    parser.add_argument(
         "--plots",
         action=argparse.BooleanOptionalAction,
         default=True,
@@ -418,8 +451,10 @@ def build_parser():
         ),
     )
 
-    # Used by the script itself to run one method's memory measurement.
+    # Used by the script itself to run one method's memory measurement and
+    # the timing with the other oneDNN setting.
     parser.add_argument("--memory-worker", metavar="METHOD", help=argparse.SUPPRESS)
+    parser.add_argument("--timing-worker", action="store_true", help=argparse.SUPPRESS)
     return parser
 
 
@@ -541,6 +576,12 @@ def load_batches(batch_size, sequence_length, count, dataset=DATASET):
             "--batch-size, --steps or --inference-steps."
         )
     return batches
+
+
+def load_timing_batches(args):
+    """Load enough batches for the timed steps, the warm-up and the first call."""
+    count = max(args.steps, args.inference_steps, args.warmup + 1)
+    return load_batches(args.batch_size, args.sequence_length, count)
 
 
 def load_classifier():
@@ -1054,6 +1095,59 @@ def summarize_ops(space, model):
     }
 
 
+# The other oneDNN setting.
+
+
+def measure_other_onednn_setting(args):
+    """Time the core methods again in a subprocess with oneDNN switched.
+
+    TensorFlow reads `TF_ENABLE_ONEDNN_OPTS` once, when it loads, so the
+    other setting needs a process of its own. Its ratios are measured within
+    that process, the same way as in this one. Returns `None` when this
+    process cannot tell whether oneDNN is on.
+    """
+    enabled = report.onednn_enabled()
+    if enabled is None:
+        logger.warning("Skipping the oneDNN comparison: cannot tell whether oneDNN is on.")
+        return None
+
+    other = "off" if enabled else "on"
+    logger.info("Timing the core methods again in a subprocess with oneDNN %s.", other)
+    command = worker_command(
+        args,
+        "--timing-worker",
+        "--no-extra-rows",
+        "--steps",
+        str(args.steps),
+        "--inference-steps",
+        str(args.inference_steps),
+        "--warmup",
+        str(args.warmup),
+        "--rounds",
+        str(args.rounds),
+    )
+    env = dict(os.environ, TF_ENABLE_ONEDNN_OPTS="0" if enabled else "1")
+    result = run_worker(command, f"timing subprocess with oneDNN {other}", env=env)
+    if result["onednn"] == enabled:
+        raise RuntimeError(
+            f"The timing subprocess was started with TF_ENABLE_ONEDNN_OPTS="
+            f"{env['TF_ENABLE_ONEDNN_OPTS']}, but oneDNN was {other} in it too."
+        )
+    return result
+
+
+def run_timing_worker(args):
+    """Time training and inference of the selected methods; print JSON."""
+    batches = load_timing_batches(args)
+    models = {method: build_model(method, args) for method in training_methods(args)}
+    result = {
+        "onednn": report.onednn_enabled(),
+        "training": measure_training(models, batches, args),
+        "inference": measure_inference(models, batches, args),
+    }
+    print(json.dumps(result))
+
+
 # Memory.
 
 
@@ -1062,33 +1156,46 @@ def measure_memory(args):
     results = {}
     for method in training_methods(args):
         logger.info("Measuring peak memory of %s in a subprocess.", method)
-        command = [
-            sys.executable,
-            os.path.abspath(__file__),
-            "--memory-worker",
-            method,
-            "--memory-steps",
-            str(args.memory_steps),
-            "--batch-size",
-            str(args.batch_size),
-            "--sequence-length",
-            str(args.sequence_length),
-            "--bottleneck-size",
-            str(args.bottleneck_size),
-            "--skip-blocks",
-            str(args.skip_blocks),
-        ]
+        command = worker_command(
+            args, "--memory-worker", method, "--memory-steps", str(args.memory_steps)
+        )
         if method == LORA_METHOD:
             command += ["--lora-rank", str(args.lora_rank)]
-        completed = subprocess.run(command, capture_output=True, text=True, check=False)
-        if completed.returncode != 0:
-            raise RuntimeError(
-                f"The memory subprocess for {method} failed with exit code "
-                f"{completed.returncode}. The end of its standard error:\n"
-                f"{completed.stderr[-3000:]}"
-            )
-        results[method] = json.loads(completed.stdout.strip().splitlines()[-1])
+        results[method] = run_worker(command, f"memory subprocess for {method}")
     return results
+
+
+def worker_command(args, *options):
+    """Return the command that runs this script as a worker with `options`.
+
+    The worker gets the model and batch settings of this run.
+    """
+    return [
+        sys.executable,
+        os.path.abspath(__file__),
+        *options,
+        "--batch-size",
+        str(args.batch_size),
+        "--sequence-length",
+        str(args.sequence_length),
+        "--bottleneck-size",
+        str(args.bottleneck_size),
+        "--skip-blocks",
+        str(args.skip_blocks),
+    ]
+
+
+def run_worker(command, description, env=None):
+    """Run a worker subprocess and return the JSON of its last output line."""
+    completed = subprocess.run(
+        command, capture_output=True, text=True, check=False, env=env
+    )
+    if completed.returncode != 0:
+        raise RuntimeError(
+            f"The {description} failed with exit code {completed.returncode}. "
+            f"The end of its standard error:\n{completed.stderr[-3000:]}"
+        )
+    return json.loads(completed.stdout.strip().splitlines()[-1])
 
 
 def run_memory_worker(args):
@@ -1196,37 +1303,66 @@ def measure_accuracy(args):
     )
     train_examples = fixed_budget.count_examples(unshuffled)
 
+    logger.info("Training every method on %d sentences.", train_examples)
     results = {}
+    seed_results = {}
     for method in training_methods(args):
-        rate = learning_rate(method, args)
-        logger.info(
-            "Training %s on %d sentences for %s, learning rate %g.",
-            method,
-            train_examples,
-            plural(args.epochs, "epoch"),
-            rate,
-        )
-        keras.utils.set_random_seed(args.seed)
-        model = build_model(method, args, learning_rate=rate, metrics=["accuracy"])
-        train_batches = fixed_budget.make_batches(
-            train_tokens, args.sequence_length, args.batch_size, shuffle_seed=args.seed
-        )
-        result = fixed_budget.train_and_evaluate(
-            model, train_batches, test_batches, args.epochs
-        )
-        result["learning_rate"] = rate
-        results[method] = result
-        fixed_budget.log_result(method, result)
-        del model
-        keras.backend.clear_session(free_memory=True)
+        seeds = [args.seed]
+        if method in SEEDED_METHODS:
+            seeds = list(range(args.seed, args.seed + args.accuracy_seeds))
+        runs = [
+            train_with_seed(method, seed, args, train_tokens, test_batches)
+            for seed in seeds
+        ]
+        results[method] = runs[0]
+        if method in SEEDED_METHODS:
+            seed_results[method] = [
+                {"seed": seed, "accuracy": run["accuracy"]}
+                for seed, run in zip(seeds, runs)
+            ]
 
     return {
         "methods": results,
+        "seeds": seed_results,
         "train_examples": train_examples,
         "train_batches": fixed_budget.count_batches(unshuffled),
         "epochs": args.epochs,
         "majority_accuracy": fixed_budget.majority_accuracy(test_batches),
     }
+
+
+def train_with_seed(method, seed, args, train_tokens, test_batches):
+    """Train `method` from `seed` for the budget and evaluate it."""
+    rate = learning_rate(method, args)
+    logger.info(
+        "Training %s with seed %d for %s, learning rate %g.",
+        method,
+        seed,
+        plural(args.epochs, "epoch"),
+        rate,
+    )
+    keras.utils.set_random_seed(seed)
+    model = build_model(method, args, learning_rate=rate, metrics=["accuracy"])
+    train_batches = fixed_budget.make_batches(
+        train_tokens, args.sequence_length, args.batch_size, shuffle_seed=seed
+    )
+    result = fixed_budget.train_and_evaluate(model, train_batches, test_batches, args.epochs)
+    result["learning_rate"] = rate
+    fixed_budget.log_result(f"{method}, seed {seed}", result)
+    del model
+    keras.backend.clear_session(free_memory=True)
+    return result
+
+
+def seed_differences(accuracy):
+    """Return Houlsby's accuracy less full fine-tuning's per seed, in points."""
+    seeds = accuracy.get("seeds") or {}
+    if BASELINE_METHOD not in seeds or ADAPTER_METHOD not in seeds:
+        return []
+    return [
+        100 * (houlsby["accuracy"] - full["accuracy"])
+        for full, houlsby in zip(seeds[BASELINE_METHOD], seeds[ADAPTER_METHOD])
+    ]
 
 
 # Results.
@@ -1435,6 +1571,13 @@ def targets_table(results):
         rows += timing_target_rows(
             results["xla"]["training"], results["xla"]["inference"], ", XLA"
         )
+    comparison = results.get("onednn_comparison")
+    if comparison:
+        rows += timing_target_rows(
+            comparison["training"],
+            comparison["inference"],
+            ", " + report.describe_onednn(comparison["onednn"]),
+        )
     accuracy = results.get("accuracy")
     if accuracy:
         houlsby = accuracy["methods"][ADAPTER_METHOD]
@@ -1450,6 +1593,20 @@ def targets_table(results):
                 "—",
             ]
         )
+        differences = seed_differences(accuracy)
+        if len(differences) > 1:
+            mean = statistics.mean(differences)
+            rows.append(
+                [
+                    "held-out accuracy, Houlsby adapters − full fine-tuning, "
+                    f"mean of {len(differences)} seeds",
+                    f"≥ −{ACCURACY_TARGET_POINTS:.1f} points",
+                    f"{mean:+.2f} points ({min(differences):+.2f} to "
+                    f"{max(differences):+.2f})",
+                    report.compare_accuracy(mean, ACCURACY_TARGET_POINTS),
+                    "—",
+                ]
+            )
     return report.format_table(header, rows)
 
 
@@ -1491,6 +1648,9 @@ def describe_accuracy_budget(results):
     accuracy = results["accuracy"]
     settings = results["settings"]
     test_examples = next(iter(accuracy["methods"].values()))["test_examples"]
+    spread = "One run per method cannot show that spread."
+    if len(seed_differences(accuracy)) > 1:
+        spread = "The table of seeds below shows it for two methods."
     return (
         f"Every method trained from seed {settings['seed']} on the first "
         f"{accuracy['train_examples']:,} sentences of the train split for "
@@ -1503,11 +1663,43 @@ def describe_accuracy_budget(results):
         "the test split, where always predicting the most frequent label "
         f"scores {accuracy['majority_accuracy']:.4f}. The interval covers "
         "only the sampling of the test sentences, not the spread between "
-        "training runs with other seeds, which one run per method cannot "
-        "show. The methods trained one after another, not interleaved, so "
-        "their training wall times carry the machine's changing load. "
-        "Compare step times in the tables above."
+        f"training runs with other seeds. {spread} The methods trained one "
+        "after another, not interleaved, so their training wall times carry "
+        "the machine's changing load. Compare step times in the tables above."
     )
+
+
+def seed_table(results):
+    """Format the accuracies of the methods that trained with several seeds."""
+    seeds = results["accuracy"]["seeds"]
+    full = seeds[BASELINE_METHOD]
+    houlsby = seeds[ADAPTER_METHOD]
+    header = [
+        "seed",
+        describe_method(BASELINE_METHOD, results["settings"]),
+        describe_method(ADAPTER_METHOD, results["settings"]),
+        "difference (points)",
+    ]
+    rows = [
+        [
+            full_run["seed"],
+            f"{full_run['accuracy']:.4f}",
+            f"{houlsby_run['accuracy']:.4f}",
+            f"{difference:+.2f}",
+        ]
+        for full_run, houlsby_run, difference in zip(
+            full, houlsby, seed_differences(results["accuracy"])
+        )
+    ]
+    rows.append(
+        [
+            "mean",
+            f"{statistics.mean(run['accuracy'] for run in full):.4f}",
+            f"{statistics.mean(run['accuracy'] for run in houlsby):.4f}",
+            f"{statistics.mean(seed_differences(results['accuracy'])):+.2f}",
+        ]
+    )
+    return report.format_table(header, rows)
 
 
 def format_results(results):
@@ -1525,6 +1717,8 @@ def format_results(results):
         sections.append("### LoRA size\n\n" + lora_match)
     if results.get("xla"):
         sections.append(format_xla(results))
+    if results.get("onednn_comparison"):
+        sections.append(format_onednn_comparison(results))
     if results.get("accuracy"):
         sections.append(
             "### Held-out accuracy after a fixed budget\n\n"
@@ -1532,6 +1726,15 @@ def format_results(results):
             + "\n\n"
             + accuracy_table(results)
         )
+        if len(seed_differences(results["accuracy"])) > 1:
+            sections.append(
+                "#### Seeds\n\nFull fine-tuning and Houlsby adapters also "
+                "trained from the next seeds, which change the initial head "
+                "and adapter weights, the dropout and the order of the "
+                f"training sentences. Seed {results['settings']['seed']} is "
+                "the run above. The test sentences and the budget stay the "
+                "same.\n\n" + seed_table(results)
+            )
     if results.get("plots"):
         sections.append(format_plots(results["plots"]))
     if results.get("profile"):
@@ -1567,6 +1770,29 @@ def format_xla(results):
             training_table(results, xla["training"], with_extras=False),
             "#### Inference, XLA",
             inference_table(results, xla["inference"], with_estimate=False),
+        ]
+    )
+
+
+def format_onednn_comparison(results):
+    comparison = results["onednn_comparison"]
+    setting = report.describe_onednn(comparison["onednn"])
+    note = (
+        "A subprocess timed full fine-tuning, Houlsby adapters and "
+        "AdapterDrop again with TensorFlow's oneDNN kernels switched the "
+        "other way (here {}, through `TF_ENABLE_ONEDNN_OPTS`), without XLA and "
+        "with the same settings. The methods took turns the same way "
+        "within that process. TensorFlow turns oneDNN on by default only on "
+        "x86 CPUs with AVX-512 VNNI, AVX-512 BF16, AVX-VNNI or AMX."
+    ).format(setting)
+    return "\n\n".join(
+        [
+            f"### Training step and inference, {setting}",
+            note,
+            f"#### Training step, {setting}",
+            training_table(results, comparison["training"], with_extras=False),
+            f"#### Inference, {setting}",
+            inference_table(results, comparison["inference"], with_estimate=False),
         ]
     )
 
@@ -1612,6 +1838,7 @@ def format_report(results):
         f"- Software: Python {machine['python']}, TensorFlow "
         f"{machine['tensorflow']}, Keras {machine['keras']}, keras-hub "
         f"{machine['keras_hub']}, keras_adapters {machine['keras_adapters']}. "
+        f"TensorFlow's kernels: {report.describe_onednn(machine.get('onednn'))}. "
         f"Timed with `jit_compile=False`, and {xla}.",
         f"- Load average (1, 5, 15 minutes): {report.format_load(run['load_before'])} "
         f"before the run, {report.format_load(run['load_after'])} after it.",
@@ -1728,13 +1955,14 @@ def run_benchmark(args):
     start_time = time.perf_counter()
     load_before = os.getloadavg()
 
-    batch_count = max(args.steps, args.inference_steps, args.warmup + 1)
-    batches = load_batches(args.batch_size, args.sequence_length, batch_count)
+    batches = load_timing_batches(args)
     models, lora_match = build_models(args)
 
     results = {
         "settings": {
-            key: value for key, value in vars(args).items() if key != "memory_worker"
+            key: value
+            for key, value in vars(args).items()
+            if key not in ("memory_worker", "timing_worker")
         },
         "machine": report.describe_machine(),
         "parameters": count_trainable(models),
@@ -1755,6 +1983,8 @@ def run_benchmark(args):
 
     del models
     keras.backend.clear_session(free_memory=True)
+    if args.onednn_comparison:
+        results["onednn_comparison"] = measure_other_onednn_setting(args)
     if args.accuracy:
         results["accuracy"] = measure_accuracy(args)
     if args.memory:
@@ -1778,6 +2008,9 @@ def main(argv=None):
     )
     if args.memory_worker:
         run_memory_worker(args)
+        return
+    if args.timing_worker:
+        run_timing_worker(args)
         return
     if args.page and args.plots:
         # Fail now rather than after the whole run.

@@ -33,7 +33,34 @@ def describe_machine():
         "keras_hub": keras_hub.__version__,
         "keras_adapters": keras_adapters.__version__,
         "platform": platform.platform(),
+        "onednn": onednn_enabled(),
     }
+
+
+def onednn_enabled():
+    """Return whether TensorFlow's oneDNN kernels are on, or `None` if unknown.
+
+    TensorFlow turns them on by default only on x86 CPUs with AVX-512 VNNI,
+    AVX-512 BF16, AVX-VNNI or AMX. The environment variable
+    `TF_ENABLE_ONEDNN_OPTS`, read when TensorFlow loads, overrides that.
+    """
+    try:
+        # NOTE: `_pywrap_util_port` is not public TensorFlow API. TensorFlow
+        # 2.21 has it, and its `IsMklEnabled` applies the rule above.
+        from tensorflow.python.util import _pywrap_util_port
+    except ImportError:
+        return None
+    return bool(_pywrap_util_port.IsMklEnabled())
+
+
+def describe_onednn(enabled):
+    """Return `"oneDNN on"`, `"oneDNN off"` or `"oneDNN unknown"`.
+
+    `enabled` is what `onednn_enabled` returned.
+    """
+    if enabled is None:
+        return "oneDNN unknown"
+    return "oneDNN on" if enabled else "oneDNN off"
 
 
 def gpu_name(device):

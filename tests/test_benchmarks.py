@@ -1,6 +1,7 @@
 """Fast checks of the benchmark scripts' helpers, without the real checkpoint."""
 
 import os
+import subprocess
 import sys
 import types
 
@@ -94,6 +95,70 @@ def test_quick_overridden_by_explicit_option():
     assert not args.memory
 
 
+def test_worker_gets_model_settings():
+    args = adapter_benchmark.parse_args(
+        ["--batch-size", "8", "--sequence-length", "16", "--bottleneck-size", "4"]
+    )
+    command = adapter_benchmark.worker_command(args, "--timing-worker")
+
+    assert command[2] == "--timing-worker"
+    settings = dict(zip(command[3::2], command[4::2]))
+    assert settings == {
+        "--batch-size": "8",
+        "--sequence-length": "16",
+        "--bottleneck-size": "4",
+        "--skip-blocks": "3",
+    }
+
+
+@pytest.mark.parametrize("value, expected", [("0", False), ("1", True)])
+def test_onednn_state_follows_environment(value, expected):
+    # TensorFlow reads the variable when it loads, so each case needs a
+    # process of its own.
+    code = "import report; print(report.onednn_enabled())"
+    env = dict(os.environ, TF_ENABLE_ONEDNN_OPTS=value, TF_CPP_MIN_LOG_LEVEL="3")
+    completed = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=os.path.dirname(adapter_benchmark.__file__),
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+
+    assert completed.stdout.strip().splitlines()[-1] == str(expected)
+
+
+def timing_summary(ratio):
+    return {
+        "median_seconds": ratio,
+        "ratio_median": ratio,
+        "ratio_min": ratio,
+        "ratio_max": ratio,
+    }
+
+
+def test_targets_table_has_onednn_rows():
+    training = {"full": timing_summary(1.0), "houlsby": timing_summary(0.68)}
+    inference = {"full": timing_summary(1.0), "houlsby": timing_summary(1.05)}
+    results = {
+        "training": training,
+        "inference": inference,
+        "onednn_comparison": {
+            "onednn": True,
+            "training": {**training, "houlsby": timing_summary(0.72)},
+            "inference": inference,
+        },
+    }
+
+    table = adapter_benchmark.targets_table(results)
+
+    lines = table.splitlines()
+    row = next(line for line in lines if "full fine-tuning, oneDNN on" in line)
+    assert "| 0.720 (0.720–0.720) | missed by 0.020" in row
+    assert "inference, Houlsby adapters / base model, oneDNN on" in table
+
+
 def test_matmul_estimate_of_adapter_methods():
     backbone = types.SimpleNamespace(hidden_dim=8, intermediate_dim=32, num_layers=4)
 
@@ -133,3 +198,25 @@ def test_sweep_takes_several_learning_rates():
     assert args.learning_rates == [1e-3, 3e-3]
     assert args.epochs == 3
     assert args.bottleneck_size is None
+
+
+def test_accuracy_target_row_for_mean_of_seeds():
+    seeds = {
+        "full": [{"seed": 0, "accuracy": 0.85}, {"seed": 1, "accuracy": 0.86}],
+        "houlsby": [{"seed": 0, "accuracy": 0.845}, {"seed": 1, "accuracy": 0.84}],
+    }
+    methods = {
+        "full": {"accuracy": 0.85},
+        "houlsby": {"accuracy": 0.845},
+    }
+    results = {
+        "training": {},
+        "inference": {},
+        "accuracy": {"methods": methods, "seeds": seeds},
+    }
+
+    table = adapter_benchmark.targets_table(results)
+
+    row = next(line for line in table.splitlines() if "mean of 2 seeds" in line)
+    # Differences of -0.5 and -2.0 points average to -1.25.
+    assert "| -1.25 points (-2.00 to -0.50) | missed by 0.25 points" in row
