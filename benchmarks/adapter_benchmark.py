@@ -1678,6 +1678,7 @@ def seed_table(results):
     seeds = results["accuracy"]["seeds"]
     full = seeds[BASELINE_METHOD]
     houlsby = seeds[ADAPTER_METHOD]
+    differences = seed_differences(results["accuracy"])
     header = [
         "seed",
         describe_method(BASELINE_METHOD, results["settings"]),
@@ -1691,16 +1692,14 @@ def seed_table(results):
             f"{houlsby_run['accuracy']:.4f}",
             f"{difference:+.2f}",
         ]
-        for full_run, houlsby_run, difference in zip(
-            full, houlsby, seed_differences(results["accuracy"])
-        )
+        for full_run, houlsby_run, difference in zip(full, houlsby, differences)
     ]
     rows.append(
         [
             "mean",
             f"{statistics.mean(run['accuracy'] for run in full):.4f}",
             f"{statistics.mean(run['accuracy'] for run in houlsby):.4f}",
-            f"{statistics.mean(seed_differences(results['accuracy'])):+.2f}",
+            f"{statistics.mean(differences):+.2f}",
         ]
     )
     return report.format_table(header, rows)
