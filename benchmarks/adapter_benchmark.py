@@ -69,9 +69,9 @@ It measures, in one process:
 
 With `--onednn-comparison` (on by default), a subprocess times training and
 inference of full fine-tuning, Houlsby adapters and AdapterDrop again with
-TensorFlow's oneDNN kernels switched the other way. TensorFlow turns them
-on by default only on x86 CPUs with AVX-512 VNNI, AVX-512 BF16, AVX-VNNI or
-AMX, and `TF_ENABLE_ONEDNN_OPTS=0` or `1` overrides that for the main run.
+TensorFlow's oneDNN kernels switched the other way. On Linux, TensorFlow
+turns them on by default only on x86 CPUs with AVX-512 VNNI, AVX-512 BF16,
+AVX-VNNI or AMX, and `TF_ENABLE_ONEDNN_OPTS=0` or `1` overrides that for the main run.
 
 Peak memory (`--memory`, on by default) is measured afterwards, in a fresh
 subprocess per method, as the peak resident set size while training, and
@@ -1785,8 +1785,8 @@ def format_onednn_comparison(results):
         "AdapterDrop again with TensorFlow's oneDNN kernels switched the "
         "other way (here {}, through `TF_ENABLE_ONEDNN_OPTS`), without XLA and "
         "with the same settings. The methods took turns the same way "
-        "within that process. TensorFlow turns oneDNN on by default only on "
-        "x86 CPUs with AVX-512 VNNI, AVX-512 BF16, AVX-VNNI or AMX."
+        "within that process. On Linux, TensorFlow turns oneDNN on by default "
+        "only on x86 CPUs with AVX-512 VNNI, AVX-512 BF16, AVX-VNNI or AMX."
     ).format(setting)
     return "\n\n".join(
         [

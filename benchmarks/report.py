@@ -40,8 +40,8 @@ def describe_machine():
 def onednn_enabled():
     """Return whether TensorFlow's oneDNN kernels are on, or `None` if unknown.
 
-    TensorFlow turns them on by default only on x86 CPUs with AVX-512 VNNI,
-    AVX-512 BF16, AVX-VNNI or AMX. The environment variable
+    On Linux, TensorFlow turns them on by default only on x86 CPUs with
+    AVX-512 VNNI, AVX-512 BF16, AVX-VNNI or AMX. The environment variable
     `TF_ENABLE_ONEDNN_OPTS`, read when TensorFlow loads, overrides that.
     """
     try:
