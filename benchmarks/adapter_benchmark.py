@@ -1115,7 +1115,7 @@ def measure_other_onednn_setting(args):
         )
         return None
 
-    other = "off" if enabled else "on"
+    current, other = ("on", "off") if enabled else ("off", "on")
     logger.info("Timing the core methods again in a subprocess with oneDNN %s.", other)
     command = worker_command(
         args,
@@ -1135,7 +1135,8 @@ def measure_other_onednn_setting(args):
     if result["onednn"] == enabled:
         raise RuntimeError(
             f"The timing subprocess was started with TF_ENABLE_ONEDNN_OPTS="
-            f"{env['TF_ENABLE_ONEDNN_OPTS']}, but oneDNN was {other} in it too."
+            f"{env['TF_ENABLE_ONEDNN_OPTS']}, but oneDNN was {current} in it, "
+            "as in this process."
         )
     return result
 
