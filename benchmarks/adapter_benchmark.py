@@ -802,6 +802,18 @@ def time_call(function, *args):
     return time.perf_counter() - start
 
 
+def time_call_with_cpu(function, *args):
+    """Return the wall time and the process's CPU time of one call.
+
+    The CPU time adds up every thread of this process, so it counts the work
+    a call does whether or not it kept both cores busy, and other processes
+    on the machine change it far less than they change the wall time.
+    """
+    cpu_start = time.process_time()
+    wall = time_call(function, *args)
+    return wall, time.process_time() - cpu_start
+
+
 def warm_up(models, step, batches, warmup):
     """Trace each model's function, then run `warmup` untimed steps.
 
@@ -824,47 +836,68 @@ def time_rounds(models, step, batches, steps, rounds):
     order affect every model about equally. Load that changes within one
     call is not cancelled.
 
-    Returns `{name: [[seconds of each call] for each round]}`.
+    Returns `(seconds, cpu_seconds)`, each `{name: [[seconds of each call]
+    for each round]}`: the wall time and the process's CPU time.
     """
     names = list(models)
     seconds = {name: [] for name in names}
+    cpu_seconds = {name: [] for name in names}
     for round_index in range(rounds):
         shift = round_index % len(names)
         order = names[shift:] + names[:shift]
         round_seconds = {name: [] for name in names}
+        round_cpu_seconds = {name: [] for name in names}
         for index in range(steps):
             batch = batches[index % len(batches)]
             for name in order:
-                round_seconds[name].append(time_call(step, models[name], batch))
+                wall, cpu = time_call_with_cpu(step, models[name], batch)
+                round_seconds[name].append(wall)
+                round_cpu_seconds[name].append(cpu)
         for name in names:
             seconds[name].append(round_seconds[name])
+            cpu_seconds[name].append(round_cpu_seconds[name])
         logger.info(
             "Round %d of %d: median seconds %s",
             round_index + 1,
             rounds,
             {name: round(statistics.median(s), 3) for name, s in round_seconds.items()},
         )
-    return seconds
+    return seconds, cpu_seconds
 
 
-def summarize_times(seconds, baseline):
-    """Return per-model medians and per-round ratios to `baseline`."""
+def summarize_times(seconds, baseline, cpu_seconds=None):
+    """Return per-model medians and per-round ratios to `baseline`.
+
+    With `cpu_seconds`, the CPU times from `time_rounds`, each model also
+    gets the same figures for its CPU time, under keys that start with
+    `cpu_`, and `cores_busy`: its median CPU time over its median wall time.
+    """
     summary = {}
     for name, rounds in seconds.items():
-        round_medians = [statistics.median(values) for values in rounds]
-        baseline_medians = [statistics.median(values) for values in seconds[baseline]]
-        ratios = [value / base for value, base in zip(round_medians, baseline_medians)]
-        all_values = [value for values in rounds for value in values]
-        summary[name] = {
-            "median_seconds": statistics.median(all_values),
-            "round_median_seconds": round_medians,
-            "ratio_median": statistics.median(ratios),
-            "ratio_min": min(ratios),
-            "ratio_max": max(ratios),
-            "round_ratios": ratios,
-            "seconds": rounds,
-        }
+        summary[name] = _ratio_summary(rounds, seconds[baseline])
+        summary[name]["seconds"] = rounds
+        if cpu_seconds is not None:
+            cpu = _ratio_summary(cpu_seconds[name], cpu_seconds[baseline])
+            summary[name].update({f"cpu_{key}": value for key, value in cpu.items()})
+            summary[name]["cpu_seconds"] = cpu_seconds[name]
+            summary[name]["cores_busy"] = (
+                cpu["median_seconds"] / summary[name]["median_seconds"]
+            )
     return summary
+
+
+def _ratio_summary(rounds, baseline_rounds):
+    round_medians = [statistics.median(values) for values in rounds]
+    baseline_medians = [statistics.median(values) for values in baseline_rounds]
+    ratios = [value / base for value, base in zip(round_medians, baseline_medians)]
+    return {
+        "median_seconds": statistics.median(value for values in rounds for value in values),
+        "round_median_seconds": round_medians,
+        "ratio_median": statistics.median(ratios),
+        "ratio_min": min(ratios),
+        "ratio_max": max(ratios),
+        "round_ratios": ratios,
+    }
 
 
 def measure_training(models, batches, args):
@@ -873,8 +906,10 @@ def measure_training(models, batches, args):
     logger.info(
         "Timing training: %d rounds of %d steps per method.", args.rounds, args.steps
     )
-    seconds = time_rounds(models, train_step, batches, args.steps, args.rounds)
-    summary = summarize_times(seconds, BASELINE_METHOD)
+    seconds, cpu_seconds = time_rounds(
+        models, train_step, batches, args.steps, args.rounds
+    )
+    summary = summarize_times(seconds, BASELINE_METHOD, cpu_seconds)
     for method, seconds_first in first_calls.items():
         summary[method]["first_call_seconds"] = seconds_first
     return summary
@@ -889,10 +924,10 @@ def measure_inference(models, batches, args):
         args.rounds,
         args.inference_steps,
     )
-    seconds = time_rounds(
+    seconds, cpu_seconds = time_rounds(
         inference_models, predict_step, batches, args.inference_steps, args.rounds
     )
-    summary = summarize_times(seconds, BASE_MODEL_METHOD)
+    summary = summarize_times(seconds, BASE_MODEL_METHOD, cpu_seconds)
     for method, seconds_first in first_calls.items():
         summary[method]["first_call_seconds"] = seconds_first
     return summary
@@ -1384,6 +1419,9 @@ def training_table(results, training, with_extras=True):
     if with_extras:
         header += ["trainable parameters", "trainable fraction"]
     header += ["median step (s)", "ratio to full, median (min–max)"]
+    with_cpu = has_cpu_times(training)
+    if with_cpu:
+        header += CPU_TIME_HEADER
     if with_extras:
         header += ["matmul estimate"]
     memory = results.get("memory") if with_extras else None
@@ -1399,14 +1437,16 @@ def training_table(results, training, with_extras=True):
 
     rows = []
     for method, timing in training.items():
-        counts = results["parameters"][method]
         row = [describe_method(method, settings)]
         if with_extras:
+            counts = results["parameters"][method]
             row += [
                 f"{counts['trainable']:,} of {counts['total']:,}",
                 f"{100 * counts['trainable_fraction']:.2f}%",
             ]
         row += [f"{timing['median_seconds']:.3f}", report.format_ratio(timing)]
+        if with_cpu:
+            row += cpu_time_cells(timing)
         if with_extras:
             row += [f"{results['matmul_estimate'][method]['training']:.3f}"]
         if memory:
@@ -1423,6 +1463,9 @@ def training_table(results, training, with_extras=True):
 
 def inference_table(results, inference, with_estimate=True):
     header = ["model", "median batch (s)", "ratio to base, median (min–max)"]
+    with_cpu = has_cpu_times(inference)
+    if with_cpu:
+        header += CPU_TIME_HEADER
     if with_estimate:
         header += ["matmul estimate"]
     rows = []
@@ -1432,10 +1475,25 @@ def inference_table(results, inference, with_estimate=True):
             f"{timing['median_seconds']:.3f}",
             report.format_ratio(timing),
         ]
+        if with_cpu:
+            row += cpu_time_cells(timing)
         if with_estimate:
             row += [f"{results['matmul_estimate'][method]['inference']:.3f}"]
         rows.append(row)
     return report.format_table(header, rows)
+
+
+CPU_TIME_HEADER = ["CPU time ratio, median (min–max)", "cores busy"]
+
+
+def has_cpu_times(timings):
+    """Whether every timing has CPU times; results from before they were kept do not."""
+    return all("cpu_ratio_median" in timing for timing in timings.values())
+
+
+def cpu_time_cells(timing):
+    cpu = {key[len("cpu_"):]: value for key, value in timing.items() if key.startswith("cpu_")}
+    return [report.format_ratio(cpu), f"{timing['cores_busy']:.2f}"]
 
 
 def training_profile_table(results):
@@ -1858,7 +1916,10 @@ def format_report(results):
         "",
         "This machine is shared with other jobs, so absolute times are noisy. "
         "Compare the ratios, which are measured within one process, with the "
-        "methods taking turns step by step.",
+        "methods taking turns step by step. The CPU time ratio compares the "
+        "CPU time of this process's threads instead, which counts the work of a "
+        "step whether or not it kept every core busy. Cores busy is a method's "
+        "median CPU time over its median wall time.",
         "",
         format_results(results),
         "",

@@ -356,10 +356,10 @@ def measure_step_times(args):
     logger.info(
         "Timing training: %d rounds of %d steps per method.", args.rounds, args.steps
     )
-    seconds = adapter_benchmark.time_rounds(
+    seconds, cpu_seconds = adapter_benchmark.time_rounds(
         models, adapter_benchmark.train_step, batches, args.steps, args.rounds
     )
-    summary = adapter_benchmark.summarize_times(seconds, BASELINE_METHOD)
+    summary = adapter_benchmark.summarize_times(seconds, BASELINE_METHOD, cpu_seconds)
     for method, seconds_first in first_calls.items():
         summary[method]["first_call_seconds"] = seconds_first
     return summary, counts

@@ -3,6 +3,7 @@
 import os
 import subprocess
 import sys
+import time
 import types
 
 import pytest
@@ -220,3 +221,47 @@ def test_accuracy_target_row_for_mean_of_seeds():
     row = next(line for line in table.splitlines() if "mean of 2 seeds" in line)
     # Differences of -0.5 and -2.0 points average to -1.25.
     assert "| -1.25 points (-2.00 to -0.50) | missed by 0.25 points" in row
+
+
+
+def spin(seconds):
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        pass
+
+
+def test_cpu_time_counts_work_not_waiting():
+    # Each "model" is the work of its step: one spins on the CPU, the other
+    # sleeps for as long.
+    models = {"spinning": spin, "sleeping": time.sleep}
+
+    def step(work, batch):
+        work(0.02)
+
+    seconds, cpu_seconds = adapter_benchmark.time_rounds(
+        models, step, batches=[None], steps=3, rounds=2
+    )
+    summary = adapter_benchmark.summarize_times(seconds, "spinning", cpu_seconds)
+
+    assert summary["sleeping"]["ratio_median"] > 0.8
+    assert summary["sleeping"]["cpu_ratio_median"] < 0.5
+    assert summary["sleeping"]["cores_busy"] < 0.5
+    assert summary["spinning"]["cpu_ratio_median"] == 1.0
+
+
+def test_training_table_shows_cpu_time_ratio():
+    timing = {
+        name: {**timing_summary(ratio), "cores_busy": busy}
+        for name, ratio, busy in (("full", 1.0, 1.9), ("houlsby", 0.7, 1.8))
+    }
+    for name, ratio in (("full", 1.0), ("houlsby", 0.65)):
+        timing[name].update(
+            {f"cpu_{key}": value for key, value in timing_summary(ratio).items()}
+        )
+    results = {"settings": {}, "parameters": {}}
+
+    table = adapter_benchmark.training_table(results, timing, with_extras=False)
+
+    assert "CPU time ratio" in table.splitlines()[0]
+    row = next(line for line in table.splitlines() if "Houlsby" in line)
+    assert "| 0.700 (0.700–0.700) | 0.650 (0.650–0.650) | 1.80 |" in row
