@@ -48,7 +48,8 @@ It measures, in one process:
    on batches padded to `--sequence-length`. The methods take turns step by
    step, and each round reports every method's median step time over its
    ratio to full fine-tuning's, so that load from other processes hits all
-   methods alike.
+   methods alike. The process's CPU time of each step is kept too: its ratio
+   counts the work a step does, whether or not the step kept every core busy.
 2. The inference time of every model over the model without adapters, as
    `Model.predict_on_batch` wall time, interleaved the same way.
 3. With `--xla` (on by default), both again after compiling every model
