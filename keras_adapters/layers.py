@@ -421,6 +421,16 @@ class AdaptedSublayer(keras.layers.Layer):
         return self.call(*args, **kwargs)
 
     def call(self, inputs=None, *args, training=None, **kwargs):
+        try:
+            return self._call_with_adapters(inputs, args, training, kwargs)
+        finally:
+            # The branch input is needed only within this call. Dropping it
+            # here keeps the tensor, and a traced graph behind it, from
+            # staying alive until the next call.
+            if self.branch_input is not None:
+                self.branch_input.clear()
+
+    def _call_with_adapters(self, inputs, args, training, kwargs):
         if self._sublayer_takes_training and training is not None:
             kwargs["training"] = training
         if inputs is None:
@@ -606,7 +616,8 @@ class BranchInput:
 
     A `BranchInputTap` records the tensor when the block calls the branch's
     first sublayer, and the parallel adapters at the branch's end read it
-    later in the same block call. Each thread keeps its own value, because
+    later in the same block call. Their wrapper clears it at the end of that
+    call. Each thread keeps its own value, because
     `tf.distribute` may trace replicas in separate threads.
     """
 
@@ -615,6 +626,9 @@ class BranchInput:
 
     def record(self, value):
         self._local.value = value
+
+    def clear(self):
+        self._local.value = None
 
     def read(self, reader_name):
         value = getattr(self._local, "value", None)

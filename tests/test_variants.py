@@ -267,6 +267,18 @@ def test_parallel_reads_branch_input():
     assert recorded[0].shape[-1] == HIDDEN_SIZE
 
 
+def test_parallel_drops_branch_input_after_call():
+    model = make_classifier("bert")
+    keras_adapters.add_adapters(model, config="parallel", bottleneck_size=4)
+    backbone = keras_adapters.rewriting.find_backbone(model)
+    tap = backbone.get_layer("transformer_layer_0")._feedforward_intermediate_dense
+
+    model(make_inputs("bert"), training=False)
+
+    with pytest.raises(RuntimeError, match="branch input is unknown"):
+        tap.branch_input.read("reader")
+
+
 def test_parallel_needs_registered_input():
     model = make_classifier("bert")
     points = registry.get_insertion_points(TransformerEncoder)
