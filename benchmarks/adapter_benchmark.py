@@ -808,8 +808,9 @@ def time_call_with_cpu(function, *args):
     """Return the wall time and the process's CPU time of one call.
 
     The CPU time adds up every thread of this process. So it counts the work
-    of a call whether or not the call kept every core busy. It also counts
-    the time that idle worker threads spin while they wait for work.
+    of a call whether or not the call kept every core busy. It may also
+    count time that idle worker threads spend spinning before they sleep,
+    which Eigen's thread pool, used by TensorFlow, can be set to do.
     """
     cpu_start = time.process_time()
     wall = time_call(function, *args)
