@@ -49,8 +49,9 @@ It measures, in one process:
    on batches padded to `--sequence-length`. The methods take turns step by
    step, and each round reports every method's median step time over its
    ratio to full fine-tuning's, so that load from other processes hits all
-   methods alike. The process's CPU time of each step is kept too: its ratio
-   counts the work a step does, whether or not the step kept every core busy.
+   methods alike. The process's CPU time of each step is kept too. Its ratio
+   compares the CPU time the steps use, whether or not a step kept every
+   core busy.
 2. The inference time of every model over the model without adapters, as
    `Model.predict_on_batch` wall time, interleaved the same way.
 3. With `--xla` (on by default), both again after compiling every model
@@ -1495,8 +1496,7 @@ def has_cpu_times(timings):
 
 
 def cpu_time_cells(timing):
-    cpu = {key[len("cpu_"):]: value for key, value in timing.items() if key.startswith("cpu_")}
-    return [report.format_ratio(cpu), f"{timing['cores_busy']:.2f}"]
+    return [report.format_ratio(timing, prefix="cpu_"), f"{timing['cores_busy']:.2f}"]
 
 
 def training_profile_table(results):

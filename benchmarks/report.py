@@ -114,10 +114,11 @@ def compare_accuracy(difference_points, allowed_points):
     return f"missed by {shortfall:.2f} points ({difference_points:+.2f} < −{allowed_points:.2f})"
 
 
-def format_ratio(summary):
+def format_ratio(summary, prefix=""):
+    """Format a median ratio and its range, read from keys that start with `prefix`."""
     return (
-        f"{summary['ratio_median']:.3f} "
-        f"({summary['ratio_min']:.3f}–{summary['ratio_max']:.3f})"
+        f"{summary[prefix + 'ratio_median']:.3f} "
+        f"({summary[prefix + 'ratio_min']:.3f}–{summary[prefix + 'ratio_max']:.3f})"
     )
 
 

@@ -223,7 +223,6 @@ def test_accuracy_target_row_for_mean_of_seeds():
     assert "| -1.25 points (-2.00 to -0.50) | missed by 0.25 points" in row
 
 
-
 def spin(seconds):
     deadline = time.perf_counter() + seconds
     while time.perf_counter() < deadline:
