@@ -617,8 +617,8 @@ class BranchInput:
     A `BranchInputTap` records the tensor when the block calls the branch's
     first sublayer, and the parallel adapters at the branch's end read it
     later in the same block call. Their wrapper clears it at the end of that
-    call. Each thread keeps its own value, because
-    `tf.distribute` may trace replicas in separate threads.
+    call. Each thread keeps its own value, because `tf.distribute` may trace
+    replicas in separate threads.
     """
 
     def __init__(self):
