@@ -173,24 +173,22 @@ class AdapterLayer(keras.layers.Layer):
         return units
 
     def call(self, inputs, add_residual=True):
-        outputs = self.bottleneck(inputs)
-        if self.residual and add_residual:
-            outputs = outputs + inputs
-        return outputs
-
-    def bottleneck(self, inputs):
-        """Return `s · W_up · σ(W_down · h)`, the output before the residual add."""
-        hidden = inputs
+        # On rank-2 inputs, TensorFlow's Grappler fuses each product with its
+        # bias, and with oneDNN also with the activation and residual add.
+        hidden = keras.ops.reshape(inputs, (-1, self.hidden_size))
+        outputs = hidden
         if self.layer_norm == "before":
-            hidden = self._normalize(hidden)
-        hidden = keras.ops.matmul(hidden, self.down_kernel) + self.down_bias
-        hidden = self.activation(hidden)
-        outputs = keras.ops.matmul(hidden, self.up_kernel) + self.up_bias
+            outputs = self._normalize(outputs)
+        outputs = _project(outputs, self.down_kernel, self.down_bias)
+        outputs = self.activation(outputs)
+        outputs = _project(outputs, self.up_kernel, self.up_bias)
         if self.layer_norm == "after":
             outputs = self._normalize(outputs)
         if self.scaling != 1.0:
             outputs = outputs * keras.ops.cast(self.scaling, outputs.dtype)
-        return outputs
+        if self.residual and add_residual:
+            outputs = outputs + hidden
+        return keras.ops.reshape(outputs, keras.ops.shape(inputs))
 
     def _normalize(self, inputs):
         # Statistics in float32, also under mixed precision.
@@ -273,6 +271,17 @@ def _check_layer_norm(layer_norm):
             f"layer_norm={layer_norm!r}"
         )
     return layer_norm
+
+
+def _project(inputs, kernel, bias):
+    """Return `inputs @ kernel + bias` for rank-2 `inputs`."""
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        # With `+` instead of a BiasAdd op, Grappler regroups the bias and
+        # residual adds and leaves the up-projection unfused.
+        return tf.nn.bias_add(tf.matmul(inputs, kernel), bias)
+    return keras.ops.matmul(inputs, kernel) + bias
 
 
 def _get_activation(activation):

@@ -1,8 +1,12 @@
+import glob
+import math
 import os
+import tempfile
 
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
 from keras_adapters import AdapterFusion
 from keras_adapters import AdapterLayer
@@ -230,3 +234,82 @@ def test_layer_norm_before_normalizes_input():
 def test_bad_variant_argument_raises(argument, value):
     with pytest.raises(ValueError, match=argument):
         AdapterLayer(**{argument: value})
+
+
+def _numpy_adapter(layer, hidden):
+    down_kernel, down_bias, up_kernel, up_bias = layer.get_weights()
+    bottleneck = hidden @ down_kernel + down_bias
+    # Exact GELU, written with the standard library's erf.
+    erf = np.vectorize(math.erf)
+    bottleneck = 0.5 * bottleneck * (1.0 + erf(bottleneck / math.sqrt(2.0)))
+    return hidden + bottleneck @ up_kernel + up_bias
+
+
+@pytest.mark.parametrize("shape", [(16,), (3, 16), (2, 3, 16), (2, 2, 3, 16)])
+def test_matches_numpy_formula_for_any_rank(shape):
+    rng = np.random.default_rng(0)
+    layer = AdapterLayer(bottleneck_size=4)
+    layer.build(shape)
+    layer.set_weights([rng.normal(size=w.shape).astype("float32") for w in layer.weights])
+    hidden = rng.normal(size=shape).astype("float32")
+
+    outputs = keras.ops.convert_to_numpy(layer(hidden))
+
+    assert outputs.shape == shape
+    np.testing.assert_allclose(outputs, _numpy_adapter(layer, hidden), rtol=1e-5, atol=1e-5)
+
+
+def test_unknown_batch_and_sequence_sizes():
+    rng = np.random.default_rng(0)
+    layer = AdapterLayer(bottleneck_size=4)
+    layer.build((None, None, 16))
+    layer.set_weights([rng.normal(size=w.shape).astype("float32") for w in layer.weights])
+    call = tf.function(layer, input_signature=[tf.TensorSpec((None, None, 16))])
+
+    for shape in [(2, 3, 16), (1, 5, 16)]:
+        hidden = rng.normal(size=shape).astype("float32")
+        np.testing.assert_allclose(
+            call(hidden).numpy(), _numpy_adapter(layer, hidden), rtol=1e-5, atol=1e-5
+        )
+
+
+def _executed_op_types(function, *args):
+    from tensorflow.tsl.profiler.protobuf import xplane_pb2
+
+    function(*args)
+    with tempfile.TemporaryDirectory() as logdir:
+        tf.profiler.experimental.start(logdir)
+        try:
+            function(*args)
+        finally:
+            tf.profiler.experimental.stop()
+        (path,) = glob.glob(os.path.join(logdir, "**", "*.xplane.pb"), recursive=True)
+        space = xplane_pb2.XSpace()
+        with open(path, "rb") as file:
+            space.ParseFromString(file.read())
+
+    # TensorFlow names each executed op's event "<op name>:<op type>".
+    op_types = []
+    for plane in space.planes:
+        for line in plane.lines:
+            for event in line.events:
+                name = plane.event_metadata[event.metadata_id].name
+                op_type = name.rpartition(":")[2]
+                if ":" in name and " " not in name and op_type.isidentifier():
+                    op_types.append(op_type)
+    return op_types
+
+
+def test_projections_fuse_with_their_biases():
+    # Grappler fuses a matrix product with a following BiasAdd, on CPU with
+    # or without oneDNN. The fused kernel is `_FusedMatMul`, or
+    # `_MklNativeFusedMatMul` with oneDNN.
+    layer = AdapterLayer(bottleneck_size=4)
+    hidden = tf.random.normal((2, 8, 16))
+    layer(hidden)
+
+    op_types = _executed_op_types(tf.function(layer), hidden)
+
+    fused = [op_type for op_type in op_types if op_type.endswith("FusedMatMul")]
+    assert len(fused) == 2, op_types
+    assert not [op_type for op_type in op_types if "BiasAdd" in op_type], op_types
