@@ -184,6 +184,44 @@ def test_matmul_estimate_of_adapter_methods():
     )
 
 
+def _trace(op_events):
+    """Return an XSpace with one event per `(name, picoseconds)` pair."""
+    from tensorflow.tsl.profiler.protobuf import xplane_pb2
+
+    space = xplane_pb2.XSpace()
+    plane = space.planes.add()
+    line = plane.lines.add()
+    for index, (name, duration_ps) in enumerate(op_events, start=1):
+        plane.event_metadata[index].name = name
+        line.events.add(metadata_id=index, duration_ps=duration_ps)
+    return space
+
+
+def test_profile_counts_matmuls_of_every_kernel():
+    model = types.SimpleNamespace(
+        name="classifier", optimizer=types.SimpleNamespace(name="adam")
+    )
+    space = _trace(
+        [
+            ("classifier/block/query/MatMul:MatMul", 10),
+            ("classifier/block/scores/MatMul:_MklBatchMatMulV2", 10),
+            ("classifier/block/adapter/MatMul:_MklNativeFusedMatMul", 4),
+            ("classifier/block/adapter/MatMul_1:_FusedMatMul", 4),
+            ("classifier/block/adapter/Erfc:Erfc", 1),
+            ("classifier/block/output/einsum/Einsum:_MklEinsum", 10),
+            ("gradient_tape/classifier/block/query/MatMul:_MklMatMul", 10),
+            ("gradient_tape/classifier/block/Mul:_MklMul", 2),
+            ("adam/Sqrt:Sqrt", 1),
+        ]
+    )
+
+    summary = adapter_benchmark.summarize_ops(space, model)
+
+    assert summary["matmuls"] == {"forward": 5, "backward": 1}
+    assert summary["adapter_op_seconds"] == pytest.approx({"matmul": 8e-12, "other": 1e-12})
+    assert summary["op_seconds"]["optimizer"] == pytest.approx(1e-12)
+
+
 def test_sweep_needs_lora_rank_for_lora(capsys):
     with pytest.raises(SystemExit):
         learning_rate_sweep.main(["--method", "lora", "--learning-rates", "1e-3"])
@@ -198,7 +236,16 @@ def test_sweep_takes_several_learning_rates():
 
     assert args.learning_rates == [1e-3, 3e-3]
     assert args.epochs == 3
+    assert args.seeds == [0]
     assert args.bottleneck_size is None
+
+
+def test_sweep_takes_several_seeds():
+    args = learning_rate_sweep.build_parser().parse_args(
+        ["--method", "full", "--learning-rates", "5e-5", "--seeds", "0", "1"]
+    )
+
+    assert args.seeds == [0, 1]
 
 
 def test_accuracy_target_row_for_mean_of_seeds():
