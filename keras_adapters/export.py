@@ -14,7 +14,9 @@ def export_saved_model(model, path, preprocessor=None):
 
     Without `preprocessor` this is `model.export(path,
     format="tf_saved_model")`: the `serve` endpoint takes the model's own
-    inputs, such as `token_ids` and `padding_mask`. With `preprocessor`, the
+    inputs, such as `token_ids` and `padding_mask`, in the dtypes of the
+    model's inputs. keras-hub's BERT takes both as int32, so a boolean
+    mask must be cast first. With `preprocessor`, the
     `serve` endpoint takes a 1-D `tf.string` tensor of raw texts and runs the
     preprocessor inside the SavedModel. keras-hub's BERT-family tokenizers
     are TensorFlow Text ops, so a process that loads such an export must
