@@ -174,7 +174,7 @@ class AdapterLayer(keras.layers.Layer):
 
     def call(self, inputs, add_residual=True):
         # On rank-2 inputs, TensorFlow's Grappler fuses each product with its
-        # bias, and with oneDNN also with the activation and residual add.
+        # bias, and with oneDNN also with the GELU and the residual add.
         hidden = keras.ops.reshape(inputs, (-1, self.hidden_size))
         outputs = hidden
         if self.layer_norm == "before":

@@ -237,6 +237,7 @@ def test_bad_variant_argument_raises(argument, value):
 
 
 def _numpy_adapter(layer, hidden):
+    """Return the adapter formula on `hidden`, computed in NumPy from `layer`'s weights."""
     down_kernel, down_bias, up_kernel, up_bias = layer.get_weights()
     bottleneck = hidden @ down_kernel + down_bias
     # Exact GELU, written with the standard library's erf.
@@ -245,12 +246,18 @@ def _numpy_adapter(layer, hidden):
     return hidden + bottleneck @ up_kernel + up_bias
 
 
+def _layer_with_random_weights(input_shape, rng):
+    """Return a built adapter whose weights are far from the identity."""
+    layer = AdapterLayer(bottleneck_size=4)
+    layer.build(input_shape)
+    layer.set_weights([rng.normal(size=w.shape).astype("float32") for w in layer.weights])
+    return layer
+
+
 @pytest.mark.parametrize("shape", [(16,), (3, 16), (2, 3, 16), (2, 2, 3, 16)])
 def test_matches_numpy_formula_for_any_rank(shape):
     rng = np.random.default_rng(0)
-    layer = AdapterLayer(bottleneck_size=4)
-    layer.build(shape)
-    layer.set_weights([rng.normal(size=w.shape).astype("float32") for w in layer.weights])
+    layer = _layer_with_random_weights(shape, rng)
     hidden = rng.normal(size=shape).astype("float32")
 
     outputs = keras.ops.convert_to_numpy(layer(hidden))
@@ -261,15 +268,13 @@ def test_matches_numpy_formula_for_any_rank(shape):
 
 def test_unknown_batch_and_sequence_sizes():
     rng = np.random.default_rng(0)
-    layer = AdapterLayer(bottleneck_size=4)
-    layer.build((None, None, 16))
-    layer.set_weights([rng.normal(size=w.shape).astype("float32") for w in layer.weights])
-    call = tf.function(layer, input_signature=[tf.TensorSpec((None, None, 16))])
+    layer = _layer_with_random_weights((None, None, 16), rng)
+    traced = tf.function(layer, input_signature=[tf.TensorSpec((None, None, 16))])
 
     for shape in [(2, 3, 16), (1, 5, 16)]:
         hidden = rng.normal(size=shape).astype("float32")
         np.testing.assert_allclose(
-            call(hidden).numpy(), _numpy_adapter(layer, hidden), rtol=1e-5, atol=1e-5
+            traced(hidden).numpy(), _numpy_adapter(layer, hidden), rtol=1e-5, atol=1e-5
         )
 
 
