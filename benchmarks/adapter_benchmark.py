@@ -53,6 +53,10 @@ it on real batches of movie review sentences in one of these ways:
   LoRA weights come closest in number to the Houlsby adapters' weights,
   unless `--lora-rank` sets it. The pooler and the head train too, as with
   the adapters.
+- `layer_norms`: no adapters. The blocks' layer norms, the pooler and the
+  head train: the same backbone weights as with Houlsby adapters. Its step
+  runs the Houlsby step's backward pass without the adapters' work, so it
+  shows what the adapters themselves add.
 - `head_only`: only the classification head and the backbone's pooler train.
 
 It measures, in one process:
@@ -149,9 +153,21 @@ LORA_METHOD = "lora"
 CORE_METHODS = ("full", "houlsby", "adapterdrop")
 # The methods of the accuracy target, which train with several seeds.
 SEEDED_METHODS = ("full", "houlsby")
-EXTRA_METHODS = ("pfeiffer", "lora", "head_only")
+EXTRA_METHODS = ("pfeiffer", "lora", "layer_norms", "head_only")
 # The order of the rows in every table.
-METHOD_ORDER = ("full", "houlsby", "pfeiffer", "adapterdrop", "lora", "head_only")
+METHOD_ORDER = (
+    "full",
+    "houlsby",
+    "pfeiffer",
+    "adapterdrop",
+    "lora",
+    "layer_norms",
+    "head_only",
+)
+# Methods left out of the inference timing, because their model runs the
+# base model's graph. The head-only model does too, but it stays in the
+# inference table to show the noise of the measurement.
+INFERENCE_EXCLUDED_METHODS = ("layer_norms",)
 ADAPTER_CONFIG_NAMES = {"houlsby": "houlsby", "pfeiffer": "pfeiffer", "adapterdrop": "houlsby"}
 # Inference compares every model with one that has no adapters. The full
 # fine-tuning model has none, so it serves as the base model. The head-only
@@ -215,6 +231,7 @@ def parse_args(argv=None):
     if args.quick:
         parser.set_defaults(**QUICK_SETTINGS)
         args = parser.parse_args(argv)
+    report.check_output_folders(parser, output=args.output, page=args.page)
     return args
 
 
@@ -512,7 +529,9 @@ def training_methods(args):
 
 
 def inference_methods(args):
-    return training_methods(args)
+    return tuple(
+        method for method in training_methods(args) if method not in INFERENCE_EXCLUDED_METHODS
+    )
 
 
 def describe_method(method, settings):
@@ -530,6 +549,8 @@ def describe_method(method, settings):
         )
     if method == "lora":
         return f"LoRA (keras-hub), rank {settings['lora_rank']}"
+    if method == "layer_norms":
+        return "layer norms and head, no adapters"
     if method == "head_only":
         return "head only"
     raise ValueError(f"Unknown method {method!r}.")
@@ -543,6 +564,7 @@ def short_method_name(method, settings):
         "pfeiffer": "Pfeiffer",
         "adapterdrop": f"AdapterDrop (k = {settings['skip_blocks']})",
         "lora": f"LoRA (rank {settings['lora_rank']})",
+        "layer_norms": "layer norms",
         "head_only": "head only",
     }
     return names[method]
@@ -631,6 +653,8 @@ def build_model(
         )
     elif method == LORA_METHOD:
         enable_lora(model, args.lora_rank)
+    elif method == "layer_norms":
+        train_block_layer_norms(model)
     elif method == "head_only":
         freeze_all_but_head(model)
     elif method != "full":
@@ -659,6 +683,20 @@ def freeze_all_but_head(model):
     """Freeze every backbone layer except the pooler."""
     for layer in model.backbone.layers:
         layer.trainable = layer.name in POOLER_LAYER_NAMES
+
+
+def train_block_layer_norms(model):
+    """Freeze the backbone except the blocks' layer norms and the pooler.
+
+    These are the backbone weights that Houlsby adapters train with the
+    package's defaults. The embeddings' layer norm stays frozen, as it does
+    there, so that backpropagation stops in the lowest block.
+    """
+    freeze_all_but_head(model)
+    for _, block in keras_adapters.rewriting.find_blocks(model):
+        for layer in block._flatten_layers():
+            if keras_adapters.registry.is_layer_norm(layer):
+                layer.trainable = True
 
 
 def enable_lora(model, rank):
@@ -991,7 +1029,9 @@ def estimate_matmul_ratios(backbone, sequence_length, bottleneck_size, skip_bloc
     and adds only its feed-forward input gradients and its adapters'
     products. With Pfeiffer placement it still runs through that block's
     feed-forward branch, to reach the layer norm below it. AdapterDrop
-    leaves the lowest `skip_blocks` blocks out of the backward pass.
+    leaves the lowest `skip_blocks` blocks out of the backward pass. Training
+    the layer norms without adapters runs Houlsby's backward pass without
+    the adapters' products.
 
     Keras's LoRA adds `A · B` to the frozen kernel before each call, so the
     backward pass computes the gradient of the whole query and value kernels
@@ -1016,6 +1056,7 @@ def estimate_matmul_ratios(backbone, sequence_length, bottleneck_size, skip_bloc
     adapted_methods = {
         "houlsby": (2, 0),
         "pfeiffer": (1, 0),
+        "layer_norms": (0, 0),
         "adapterdrop": (2, min(skip_blocks, blocks)),
     }
     for method, (count, skipped) in adapted_methods.items():
@@ -1948,6 +1989,12 @@ def format_report(results):
     return "\n".join(lines)
 
 
+def write_json(path, results):
+    with open(path, "w") as file:
+        json.dump(results, file, indent=2)
+    logger.info("Wrote %s.", path)
+
+
 def write_page(path, results):
     """Write the report to `path`, keeping any text around its block."""
     report.write_generated_block(
@@ -2102,13 +2149,15 @@ def main(argv=None):
         benchmark_plots.check_matplotlib()
 
     results = run_benchmark(args)
-    if args.page and args.plots:
-        results["plots"] = write_plots(args.page, results)
     print_results(results)
     if args.output:
-        with open(args.output, "w") as file:
-            json.dump(results, file, indent=2)
-        logger.info("Wrote %s.", args.output)
+        # Written before the plots too, so that a failing plot loses no
+        # measurement.
+        write_json(args.output, results)
+    if args.page and args.plots:
+        results["plots"] = write_plots(args.page, results)
+        if args.output:
+            write_json(args.output, results)
     if args.page:
         write_page(args.page, results)
         logger.info("Wrote %s.", args.page)

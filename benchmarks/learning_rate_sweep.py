@@ -34,6 +34,7 @@ import keras_hub  # noqa: E402
 
 import adapter_benchmark  # noqa: E402
 import fixed_budget  # noqa: E402
+import report  # noqa: E402
 
 logger = logging.getLogger("learning_rate_sweep")
 
@@ -158,6 +159,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.method == adapter_benchmark.LORA_METHOD and args.lora_rank is None:
         parser.error("missing --lora-rank, which --method lora needs")
+    report.check_output_folders(parser, output=args.output)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     for result in sweep(args):
         by_epoch = ", ".join(

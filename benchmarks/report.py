@@ -10,6 +10,23 @@ import tensorflow as tf
 import keras_adapters
 
 
+def check_output_folders(parser, **paths):
+    """Stop with a usage error if the folder of an output path is missing.
+
+    Each keyword names an option, such as `page`, and gives its path or
+    `None`. Checking before a run spares a long run that could not write
+    its results at the end.
+    """
+    for option, path in paths.items():
+        if path is None:
+            continue
+        folder = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(folder):
+            parser.error(
+                f"the folder of --{option.replace('_', '-')} does not exist: {folder}"
+            )
+
+
 def describe_machine():
     """Return this machine's CPU, GPUs, platform and package versions as a dict."""
     cpu_model = platform.processor() or "unknown"

@@ -110,6 +110,7 @@ def parse_args(argv=None):
     if args.quick:
         parser.set_defaults(**QUICK_SETTINGS)
         args = parser.parse_args(argv)
+    report.check_output_folders(parser, output=args.output, page=args.page)
     return args
 
 

@@ -8,6 +8,7 @@ import types
 
 import pytest
 
+import keras_adapters
 from conftest import make_classifier
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks"))
@@ -39,6 +40,47 @@ def test_lora_trains_pooler():
     trainable = {variable.path for variable in model.trainable_weights}
     assert "pooled_dense/kernel" in trainable
     assert "logits/kernel" in trainable
+
+
+@pytest.mark.parametrize("option", ["--output", "--page"])
+def test_missing_output_folder_stops_before_run(tmp_path, capsys, option):
+    path = str(tmp_path / "missing" / "results")
+    with pytest.raises(SystemExit):
+        adapter_benchmark.parse_args([option, path])
+    assert f"the folder of {option} does not exist" in capsys.readouterr().err
+
+
+def test_sweep_checks_output_folder(tmp_path, capsys):
+    path = str(tmp_path / "missing" / "sweep.jsonl")
+    with pytest.raises(SystemExit):
+        learning_rate_sweep.main(
+            ["--method", "houlsby", "--learning-rates", "1e-3", "--output", path]
+        )
+    assert "the folder of --output does not exist" in capsys.readouterr().err
+
+
+def test_layer_norm_control_trains_houlsby_backbone_weights():
+    houlsby = make_classifier("bert")
+    keras_adapters.add_adapters(houlsby, name=adapter_benchmark.ADAPTER_NAME)
+    control = make_classifier("bert")
+    adapter_benchmark.train_block_layer_norms(control)
+
+    expected = {
+        variable.path
+        for variable in houlsby.trainable_weights
+        if f"/{adapter_benchmark.ADAPTER_NAME}/" not in variable.path
+    }
+    trained = {variable.path for variable in control.trainable_weights}
+    assert trained == expected
+    assert any("layer_norm" in path for path in trained)
+    assert not any("embeddings_layer_norm" in path for path in trained)
+
+
+def test_layer_norm_control_left_out_of_inference():
+    args = adapter_benchmark.parse_args([])
+    assert "layer_norms" in adapter_benchmark.training_methods(args)
+    assert "layer_norms" not in adapter_benchmark.inference_methods(args)
+    assert "head_only" in adapter_benchmark.inference_methods(args)
 
 
 @pytest.mark.parametrize(
@@ -181,6 +223,10 @@ def test_matmul_estimate_of_adapter_methods():
     assert fewer_adapters["adapterdrop"]["training"] < expected
     assert estimates["houlsby"]["inference"] == pytest.approx(
         (768 + 64 + 64) / (768 + 64)
+    )
+    # Without adapters, the same backward pass without their products.
+    assert estimates["layer_norms"]["training"] == pytest.approx(
+        (4 * (768 + 64) + 3 * (768 + 2 * 64) + 512) / (4 * 3 * (768 + 64))
     )
 
 
