@@ -69,7 +69,8 @@ It measures, in one process:
    compares the CPU time the steps use, whether or not a step kept every
    core busy.
 2. The inference time of every model over the model without adapters, as
-   `Model.predict_on_batch` wall time, interleaved the same way.
+   `Model.predict_on_batch` wall time, interleaved the same way. The
+   `layer_norms` model runs the base model's graph and is not timed here.
 3. With `--xla` (on by default), both again after compiling every model
    with `jit_compile=True`. The first two measurements use
    `jit_compile=False`.
@@ -335,8 +336,8 @@ def build_parser():
         action=argparse.BooleanOptionalAction,
         default=True,
         help=(
-            "also measure Pfeiffer placement, LoRA and head-only training "
-            "(default: on)"
+            "also measure Pfeiffer placement, LoRA, layer-norm training "
+            "without adapters and head-only training (default: on)"
         ),
     )
 
@@ -430,8 +431,8 @@ def build_parser():
         type=positive_float,
         default=1e-3,
         help=(
-            "Adam learning rate of the accuracy phase for adapters, "
-            "AdapterDrop, LoRA and head-only training (default: 1e-3)"
+            "Adam learning rate of the accuracy phase for every method "
+            "except full fine-tuning (default: 1e-3)"
         ),
     )
 
@@ -1053,13 +1054,14 @@ def estimate_matmul_ratios(backbone, sequence_length, bottleneck_size, skip_bloc
         "full": {"training": 1.0, "inference": 1.0},
         "head_only": {"training": forward / full_training, "inference": 1.0},
     }
-    adapted_methods = {
+    # Method: (adapters per block, lowest blocks left out of the backward pass).
+    block_methods = {
         "houlsby": (2, 0),
         "pfeiffer": (1, 0),
         "layer_norms": (0, 0),
         "adapterdrop": (2, min(skip_blocks, blocks)),
     }
-    for method, (count, skipped) in adapted_methods.items():
+    for method, (count, skipped) in block_methods.items():
         adapters = count * adapter
         adapted = blocks - skipped
         forward_pass = blocks * forward + adapted * adapters
@@ -2149,15 +2151,15 @@ def main(argv=None):
         benchmark_plots.check_matplotlib()
 
     results = run_benchmark(args)
-    print_results(results)
+    # Write the JSON before the tables and plots, and again with the plots'
+    # file names, so that a failing table or plot loses no measurement.
     if args.output:
-        # Written before the plots too, so that a failing plot loses no
-        # measurement.
         write_json(args.output, results)
     if args.page and args.plots:
         results["plots"] = write_plots(args.page, results)
         if args.output:
             write_json(args.output, results)
+    print_results(results)
     if args.page:
         write_page(args.page, results)
         logger.info("Wrote %s.", args.page)

@@ -11,7 +11,7 @@ import keras_adapters
 
 
 def check_output_folders(parser, **paths):
-    """Stop with a usage error if the folder of an output path is missing.
+    """Stop with a usage error if an output path cannot be a new file.
 
     Each keyword names an option, such as `page`, and gives its path or
     `None`. Checking before a run spares a long run that could not write
@@ -20,11 +20,12 @@ def check_output_folders(parser, **paths):
     for option, path in paths.items():
         if path is None:
             continue
+        flag = "--" + option.replace("_", "-")
+        if os.path.isdir(path):
+            parser.error(f"{flag} must be a file path, not a folder: {path}")
         folder = os.path.dirname(os.path.abspath(path))
         if not os.path.isdir(folder):
-            parser.error(
-                f"the folder of --{option.replace('_', '-')} does not exist: {folder}"
-            )
+            parser.error(f"the folder of {flag} does not exist: {folder}")
 
 
 def describe_machine():

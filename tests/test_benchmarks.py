@@ -16,6 +16,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir, "benchmark
 import adapter_benchmark  # noqa: E402
 import learning_rate_sweep  # noqa: E402
 import report  # noqa: E402
+import variants_benchmark  # noqa: E402
 
 
 def test_lora_count_per_rank():
@@ -42,12 +43,20 @@ def test_lora_trains_pooler():
     assert "logits/kernel" in trainable
 
 
+@pytest.mark.parametrize("script", [adapter_benchmark, variants_benchmark])
 @pytest.mark.parametrize("option", ["--output", "--page"])
-def test_missing_output_folder_stops_before_run(tmp_path, capsys, option):
+def test_missing_output_folder_stops_before_run(tmp_path, capsys, script, option):
     path = str(tmp_path / "missing" / "results")
     with pytest.raises(SystemExit):
-        adapter_benchmark.parse_args([option, path])
+        script.parse_args([option, path])
     assert f"the folder of {option} does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("option", ["--output", "--page"])
+def test_folder_as_output_path_rejected(tmp_path, capsys, option):
+    with pytest.raises(SystemExit):
+        adapter_benchmark.parse_args([option, str(tmp_path)])
+    assert f"{option} must be a file path, not a folder" in capsys.readouterr().err
 
 
 def test_sweep_checks_output_folder(tmp_path, capsys):
@@ -59,7 +68,7 @@ def test_sweep_checks_output_folder(tmp_path, capsys):
     assert "the folder of --output does not exist" in capsys.readouterr().err
 
 
-def test_layer_norm_control_trains_houlsby_backbone_weights():
+def test_layer_norm_control_matches_houlsby():
     houlsby = make_classifier("bert")
     keras_adapters.add_adapters(houlsby, name=adapter_benchmark.ADAPTER_NAME)
     control = make_classifier("bert")
@@ -76,7 +85,7 @@ def test_layer_norm_control_trains_houlsby_backbone_weights():
     assert not any("embeddings_layer_norm" in path for path in trained)
 
 
-def test_layer_norm_control_left_out_of_inference():
+def test_inference_skips_layer_norm_control():
     args = adapter_benchmark.parse_args([])
     assert "layer_norms" in adapter_benchmark.training_methods(args)
     assert "layer_norms" not in adapter_benchmark.inference_methods(args)
