@@ -10,7 +10,8 @@ python benchmarks/adapter_benchmark.py \
 For a quick check that everything runs, use `--quick`: one round of one
 step, no XLA, oneDNN comparison, memory or profile phase, one seed, and 64
 training and 64 held-out sentences. It took 6 minutes on 2 AMD EPYC cores
-shared with other jobs (load average about 4). Options given explicitly
+shared with other jobs (load average about 4), and 2 minutes on 2 idle
+Intel Xeon cores with the layer-norm control. Options given explicitly
 override those of `--quick`.
 
 The script needs the all-MiniLM-L6-v2 checkpoint and the movie review data,
@@ -32,8 +33,9 @@ comparison, 62 for training ten models to measure their accuracy (beside a
 run of the test suite for most of that time) and 2 for the memory phase.
 With `--accuracy-seeds 5` it took 100 minutes, 84 of them for training
 fourteen models. On 2 Intel Xeon cores with AMX, `--accuracy-seeds 5` took
-61 minutes: 7 for every timing phase, 53 for training (beside test runs)
-and 1 for the memory phase. The page records the measured time.
+68 minutes with the layer-norm control: 8 for every timing phase, 58 for
+training fifteen models (beside test runs) and 1 for the memory phase.
+The page records the measured time.
 
 It loads the checkpoint as a `keras_hub.models.BertTextClassifier` and trains
 it on real batches of movie review sentences in one of these ways:
