@@ -1994,6 +1994,7 @@ def format_report(results):
 
 
 def write_json(path, results):
+    """Write `results` to `path` as indented JSON."""
     with open(path, "w") as file:
         json.dump(results, file, indent=2)
     logger.info("Wrote %s.", path)

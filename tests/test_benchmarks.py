@@ -233,7 +233,8 @@ def test_matmul_estimate_of_adapter_methods():
     assert estimates["houlsby"]["inference"] == pytest.approx(
         (768 + 64 + 64) / (768 + 64)
     )
-    # Without adapters, the same backward pass without their products.
+    # The layer-norm control: Houlsby's forward and backward pass without
+    # the adapters' products.
     assert estimates["layer_norms"]["training"] == pytest.approx(
         (4 * (768 + 64) + 3 * (768 + 2 * 64) + 512) / (4 * 3 * (768 + 64))
     )
